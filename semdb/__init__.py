@@ -1,0 +1,16 @@
+"""semdb: a semantic retrieval database for images.
+
+Images are embedded once with a CLIP model, compressed to codes of a few bytes, stored in SQLite,
+and searched by text with FAISS directly over the codes::
+
+    import semdb
+    db = semdb.connect("photos.semdb", model="tiny-fashion")
+    db.ingest(["~/Pictures"])
+    for hit in db.search("a dog on a beach", k=5):
+        print(hit.score, hit.path)
+"""
+
+from semdb.errors import SemdbError
+
+__all__ = ["SemdbError"]
+__version__ = "0.1.0"

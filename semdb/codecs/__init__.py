@@ -1,0 +1,72 @@
+"""Codecs: embeddings ⇄ codes of a few bytes, by name.
+
+``train_codec("pq", x, bits_per_image=64)`` trains one; ``load_codec(name, state)`` restores one
+from :meth:`Codec.to_bytes`. Codecs are imported lazily so that listing them costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+
+from semdb.codecs.base import Codec, as_embeddings, check_bits
+from semdb.errors import InvalidArgumentError
+
+# name -> "module:ClassName"; extend with register_codec().
+_CODECS: dict[str, str] = {
+    "pq": "semdb.codecs.faiss_codecs:PQCodec",
+    "opq": "semdb.codecs.faiss_codecs:OPQCodec",
+    "rq": "semdb.codecs.faiss_codecs:RQCodec",
+    "pqvae": "semdb.codecs.pqvae:PQVAECodec",
+}
+
+DEFAULT_CODEC = "pq"
+
+
+def list_codecs() -> list[str]:
+    """Names of the registered codecs, sorted."""
+    return sorted(_CODECS)
+
+
+def register_codec(name: str, target: str) -> None:
+    """Register a codec class under ``name``; ``target`` is ``"module:ClassName"``."""
+    _CODECS[name] = target
+
+
+def codec_class(name: str) -> type[Codec]:
+    """The codec class registered under ``name``; the error lists the valid names."""
+    try:
+        target = _CODECS[name]
+    except KeyError:
+        raise InvalidArgumentError(
+            f"unknown codec {name!r}; choose one of: {', '.join(list_codecs())}"
+        ) from None
+    module_name, class_name = target.split(":")
+    cls: type[Codec] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def train_codec(name: str, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Codec:
+    """Train codec ``name`` on ``embeddings`` ``(n, d)`` float32 at ``bits_per_image`` bits."""
+    check_bits(bits_per_image)
+    x = as_embeddings(embeddings)
+    if len(x) == 0:
+        raise InvalidArgumentError("cannot train a codec on zero embeddings")
+    return codec_class(name).train(x, bits_per_image, seed=seed)
+
+
+def load_codec(name: str, state: bytes) -> Codec:
+    """Restore a codec of type ``name`` from the bytes of :meth:`Codec.to_bytes`."""
+    return codec_class(name).from_bytes(state)
+
+
+__all__ = [
+    "DEFAULT_CODEC",
+    "Codec",
+    "codec_class",
+    "list_codecs",
+    "load_codec",
+    "register_codec",
+    "train_codec",
+]

@@ -1,0 +1,102 @@
+"""The codec interface: float embeddings ⇄ fixed-size byte codes.
+
+A codec is trained on embeddings, then turns each ``(d,)`` float32 embedding into a code of exactly
+``bits_per_image / 8`` bytes, and back into an approximate ``(d,)`` float32 embedding. Its trained
+state serialises to bytes without pickle so that it can live in the database.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar, Self
+
+import faiss
+import numpy as np
+
+from semdb.errors import InvalidArgumentError
+
+
+def check_bits(bits_per_image: int) -> int:
+    """Validate a bit rate: a positive multiple of 8 (codes are whole bytes)."""
+    if isinstance(bits_per_image, bool) or not isinstance(bits_per_image, int | np.integer):
+        raise InvalidArgumentError(f"bits per image must be an integer, got {bits_per_image!r}")
+    if bits_per_image <= 0 or bits_per_image % 8:
+        raise InvalidArgumentError(
+            f"bits per image must be a positive multiple of 8 (e.g. 32, 64, 128), got {bits_per_image}"
+        )
+    return int(bits_per_image)
+
+
+def as_embeddings(x: np.ndarray, dim: int | None = None) -> np.ndarray:
+    """Return ``x`` as a C-contiguous ``(n, d)`` float32 array, checking its shape."""
+    array = np.ascontiguousarray(x, dtype=np.float32)
+    if array.ndim != 2:
+        raise InvalidArgumentError(f"embeddings must be a 2-D (n, d) array, got shape {array.shape}")
+    if dim is not None and array.shape[1] != dim:
+        raise InvalidArgumentError(f"embeddings have dimension {array.shape[1]}, the codec expects {dim}")
+    return array
+
+
+class Codec(ABC):
+    """Compresses ``(n, d)`` float32 embeddings into ``(n, code_size)`` uint8 codes.
+
+    Subclasses set ``name`` (the registry key) and implement training, coding and serialisation.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, dim: int, bits_per_image: int) -> None:
+        self.dim = dim
+        self.bits_per_image = check_bits(bits_per_image)
+
+    @property
+    def code_size(self) -> int:
+        """Bytes per code: ``bits_per_image / 8``."""
+        return self.bits_per_image // 8
+
+    @classmethod
+    @abstractmethod
+    def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Self:
+        """Train a codec on ``embeddings``: ``(n, d)`` float32, ideally L2-normalised."""
+
+    @abstractmethod
+    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+        """``(n, d)`` float32 → ``(n, code_size)`` uint8."""
+
+    @abstractmethod
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """``(n, code_size)`` uint8 → ``(n, d)`` float32 reconstructions."""
+
+    @abstractmethod
+    def to_bytes(self) -> bytes:
+        """Serialise the trained state (no pickle)."""
+
+    @classmethod
+    @abstractmethod
+    def from_bytes(cls, state: bytes) -> Self:
+        """Inverse of :meth:`to_bytes`."""
+
+    def search_index(self, codes: np.ndarray) -> faiss.Index:
+        """A FAISS inner-product index whose row ``i`` is the item coded by ``codes[i]``.
+
+        The default decodes the codes into a flat index; PQ-family codecs override it to search the
+        codes themselves (asymmetric distance), never materialising the decoded floats.
+        """
+        index = faiss.IndexFlatIP(self.dim)
+        if len(codes):
+            index.add(self.decode(self.check_codes(codes)))
+        return index
+
+    def check_codes(self, codes: np.ndarray) -> np.ndarray:
+        """Return ``codes`` as a C-contiguous ``(n, code_size)`` uint8 array, checking its shape."""
+        array = np.ascontiguousarray(codes, dtype=np.uint8)
+        if array.ndim != 2 or array.shape[1] != self.code_size:
+            raise InvalidArgumentError(
+                f"codes must have shape (n, {self.code_size}) for {self.name} at {self.bits_per_image} bits, "
+                f"got {array.shape}"
+            )
+        return array
+
+    def describe(self) -> str:
+        """A short human-readable description, e.g. ``pq 64 bits (8x8)``."""
+        return f"{self.name} {self.bits_per_image} bits"

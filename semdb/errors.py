@@ -1,0 +1,40 @@
+"""semdb's exception classes.
+
+Every error a user can cause is a :class:`SemdbError`; its message is one line that says what was
+wrong and how to fix it. The CLI prints that line and exits non-zero; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SemdbError(Exception):
+    """Base class of the errors that users cause and can fix."""
+
+
+class InvalidArgumentError(SemdbError, ValueError):
+    """A parameter is out of range or malformed (e.g. ``--bits 12``)."""
+
+
+class DatabaseNotFoundError(SemdbError, FileNotFoundError):
+    """The database file does not exist and the command does not create one."""
+
+
+class ModelMismatchError(SemdbError):
+    """The database is bound to another model (or codec) than the one asked for."""
+
+
+class ModelUnavailableError(SemdbError):
+    """A model spec is unknown, or its weights cannot be found or downloaded."""
+
+
+class ImageReadError(SemdbError):
+    """A file could not be decoded as an image (corrupt, truncated, too large, unreadable...)."""
+
+
+class NotReadyError(SemdbError):
+    """The database cannot answer yet (e.g. nothing has been ingested)."""
+
+
+class DatasetMissingError(SemdbError, FileNotFoundError):
+    """A data set needed by the demo, training or evaluation is not installed."""
