@@ -4,13 +4,15 @@ Images are embedded once with a CLIP model, compressed to codes of a few bytes, 
 and searched by text with FAISS directly over the codes::
 
     import semdb
-    db = semdb.connect("photos.semdb", model="tiny-fashion")
+    db = semdb.connect("photos.semdb", model="tiny-fashion", bits=64)
     db.ingest(["~/Pictures"])
     for hit in db.search("a dog on a beach", k=5):
         print(hit.score, hit.path)
 """
 
+from semdb.database import Database, SearchResult, Stats, connect
 from semdb.errors import SemdbError
+from semdb.ingest import IngestReport
 
-__all__ = ["SemdbError"]
+__all__ = ["Database", "IngestReport", "SearchResult", "SemdbError", "Stats", "connect"]
 __version__ = "0.1.0"

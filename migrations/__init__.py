@@ -1,0 +1,1 @@
+"""Alembic revisions of the semdb schema (installed as ``semdb._migrations``)."""

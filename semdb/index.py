@@ -1,0 +1,114 @@
+"""The search index: FAISS over the stored codes, cached next to the database.
+
+The index is derived data. It is built from the store (codes of indexed images, plus any embeddings
+still staged before the codec is trained), written atomically to ``<database>.index`` and tagged
+with the store's generation and codec; a cache whose tag does not match is rebuilt. Deleting the
+cache file loses nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+
+@dataclass
+class SearchIndex:
+    """FAISS indexes over the searchable images, and the image ids of their rows.
+
+    ``coded`` searches the codes (``coded_ids``: ``(n,)`` int64 image ids); ``staged`` is an exact
+    inner-product index over float embeddings not yet coded (``staged_ids``: ``(m,)`` int64).
+    """
+
+    tag: str
+    coded: faiss.Index | None
+    coded_ids: np.ndarray
+    staged: faiss.Index | None
+    staged_ids: np.ndarray
+
+    @property
+    def size(self) -> int:
+        """Number of searchable rows."""
+        return len(self.coded_ids) + len(self.staged_ids)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``queries``: ``(q, d)`` float32 → ``(scores, ids)``, both ``(q, k')`` with ``k' = min(k, size)``.
+
+        Scores are inner products (cosine for normalised queries against normalised reconstructions),
+        best first; ids are image ids.
+        """
+        k = min(k, self.size)
+        parts_scores: list[np.ndarray] = []
+        parts_ids: list[np.ndarray] = []
+        for index, ids in ((self.coded, self.coded_ids), (self.staged, self.staged_ids)):
+            if index is None or len(ids) == 0:
+                continue
+            scores, rows = index.search(queries, min(k, len(ids)))
+            parts_scores.append(scores)
+            parts_ids.append(np.where(rows >= 0, ids[np.maximum(rows, 0)], -1))
+        if not parts_scores:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        scores = np.concatenate(parts_scores, axis=1)
+        ids = np.concatenate(parts_ids, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def flat_index(embeddings: np.ndarray) -> faiss.Index | None:
+    """An exact inner-product index over ``embeddings`` ``(m, d)`` float32 (None when ``m == 0``)."""
+    if len(embeddings) == 0:
+        return None
+    index = faiss.IndexFlatIP(embeddings.shape[1])
+    index.add(np.ascontiguousarray(embeddings, dtype=np.float32))
+    return index
+
+
+def cache_path(database_path: Path) -> Path:
+    """Where the index cache of a database file lives."""
+    return database_path.with_name(database_path.name + ".index")
+
+
+def save_cache(index: SearchIndex, path: Path) -> None:
+    """Write the coded part of ``index`` to ``path`` atomically (temp file + rename)."""
+    if index.coded is None:
+        path.unlink(missing_ok=True)
+        return
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        tag=np.frombuffer(index.tag.encode(), dtype=np.uint8),
+        index=faiss.serialize_index(index.coded),
+        ids=index.coded_ids,
+    )
+    descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(buffer.getvalue())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def load_cache(path: Path, tag: str) -> tuple[faiss.Index, np.ndarray] | None:
+    """The cached coded index and its ids if ``path`` holds one tagged ``tag``; None otherwise.
+
+    A missing, unreadable or stale cache is not an error: the caller rebuilds it.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if bytes(archive["tag"]).decode() != tag:
+                return None
+            index = faiss.deserialize_index(archive["index"])
+            ids = archive["ids"].astype(np.int64)
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return None
+    if index.ntotal != len(ids):
+        return None
+    return index, ids
