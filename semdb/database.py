@@ -119,7 +119,7 @@ class Database:
     # --- settings -------------------------------------------------------------------------------
 
     def _settings(self, session: Session) -> dict[str, str]:
-        return dict(session.execute(select(Setting.key, Setting.value)).tuples().all())
+        return dict(session.execute(select(Setting.key, Setting.value)).all())
 
     def _bind(self, model: str | None, codec: str | None, bits: int | None) -> None:
         """Record the model, codec and bits on first use; refuse different ones afterwards.
@@ -138,13 +138,14 @@ class Database:
                     f"database {self.location} was built with model {stored_model!r}, not {model!r}; "
                     f"omit --model or pass --model {stored_model}"
                 )
-            trained = self._has_codec(session)
+            record = session.scalars(select(CodecRecord).order_by(CodecRecord.id.desc()).limit(1)).first()
+            trained = {"codec": record.name, "bits_per_image": str(record.bits_per_image)} if record else {}
             wanted = {"codec": codec, "bits_per_image": str(bits) if bits is not None else None}
             for key, value in wanted.items():
-                stored = settings.get(key)
+                stored = trained.get(key, settings.get(key))
                 if value is None or value == stored:
                     continue
-                if trained and stored is not None:
+                if key in trained:
                     raise ModelMismatchError(
                         f"database {self.location} already uses {key.replace('_', ' ')} {stored}, not {value}; "
                         "a database has one codec: use another --db for another setting"
@@ -315,9 +316,7 @@ class Database:
         wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
         with self.store.session() as session:
             paths = dict(
-                session.execute(select(ImageRecord.id, ImageRecord.path).where(ImageRecord.id.in_(wanted)))
-                .tuples()
-                .all()
+                session.execute(select(ImageRecord.id, ImageRecord.path).where(ImageRecord.id.in_(wanted))).all()
             )
         return [
             [
@@ -392,7 +391,7 @@ class Database:
                 (path, error or "")
                 for path, error in session.execute(
                     select(ImageRecord.path, ImageRecord.error).where(ImageRecord.status == STATUS_SKIPPED)
-                ).tuples()
+                ).all()
             ]
 
     def integrity_check(self) -> str:

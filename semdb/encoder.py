@@ -174,6 +174,15 @@ def load_encoder(spec: str, device: str | None = None, batch_size: int = 64) -> 
                 f"unknown pretrained tag {parsed.tag!r} for {parsed.arch}; valid tags: {choices}"
             )
         pretrained = parsed.tag
+        try:
+            # Fetch (or find in open_clip's cache) the weights before building the model, so that an
+            # offline machine fails in a second with a useful message rather than after a long init.
+            open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(parsed.arch, parsed.tag))
+        except Exception as error:  # huggingface_hub, urllib and OS errors alike mean "not reachable"
+            raise ModelUnavailableError(
+                f"could not download the weights of {spec} (no network or hub unreachable); "
+                f"use --model {BUNDLED_MODEL} offline, or --model {parsed.arch}:/path/to/checkpoint.safetensors"
+            ) from error
     else:
         tags = open_clip.list_pretrained_tags_by_model(parsed.arch)
         raise ModelUnavailableError(
@@ -185,7 +194,9 @@ def load_encoder(spec: str, device: str | None = None, batch_size: int = 64) -> 
         model, _, preprocess = open_clip.create_model_and_transforms(
             parsed.arch, pretrained=pretrained, device=torch_device, weights_only=True
         )
-    except (OSError, RuntimeError, ValueError) as error:
+    # Loaders raise many types (OSError, RuntimeError, safetensors' and huggingface_hub's own errors):
+    # any failure here is the user's file or network, and gets one line instead of a traceback.
+    except Exception as error:
         if parsed.checkpoint is not None:
             first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelUnavailableError(

@@ -204,9 +204,7 @@ class Ingestor:
         good = [item for item in prepared if item.error is None]
         with self.store.session() as session:
             hashes = sorted({item.sha256 for item in good if item.sha256})
-            existing = dict(
-                session.execute(select(Content.sha256, Content.id).where(Content.sha256.in_(hashes))).tuples().all()
-            )
+            existing = dict(session.execute(select(Content.sha256, Content.id).where(Content.sha256.in_(hashes))).all())
         to_encode: dict[str, _Prepared] = {}
         for item in good:
             assert item.sha256 is not None  # set whenever error is None
@@ -303,7 +301,7 @@ class Ingestor:
         with self.store.transaction() as session:
             gone = [
                 image_id
-                for image_id, path in session.execute(select(ImageRecord.id, ImageRecord.path)).tuples()
+                for image_id, path in session.execute(select(ImageRecord.id, ImageRecord.path)).all()
                 if any(path == prefix or path.startswith(prefix.rstrip(os.sep) + os.sep) for prefix in prefixes)
                 and not os.path.lexists(path)
             ]

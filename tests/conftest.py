@@ -81,3 +81,21 @@ def fake_encoder() -> FakeEncoder:
 def colour_folder(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     folder = tmp_path / "images"
     return folder, write_colour_images(folder)
+
+
+TINY_CONFIG = Path(__file__).parent / "data" / "semdb-tiny-test.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_spec(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A spec ``CONFIG.json:CHECKPOINT.safetensors`` for a tiny random open_clip model saved to disk."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    open_clip.add_model_config(TINY_CONFIG)
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_CONFIG.stem)
+    checkpoint = tmp_path_factory.mktemp("tiny-model") / "tiny.safetensors"
+    save_file(model.state_dict(), checkpoint)
+    return f"{TINY_CONFIG}:{checkpoint}"

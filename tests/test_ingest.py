@@ -1,0 +1,221 @@
+"""Ingest and search through the Python API, with the fake encoder."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import COLOURS, FakeEncoder, write_colour_images
+from PIL import Image
+
+import semdb
+from semdb.errors import DatabaseNotFoundError, InvalidArgumentError, ModelMismatchError, NotReadyError
+from semdb.index import cache_path
+
+
+def code_lengths(db_path: Path) -> list[int]:
+    with sqlite3.connect(db_path) as connection:
+        return [row[0] for row in connection.execute("SELECT length(code) FROM codes")]
+
+
+def colour_of(path: str) -> str:
+    return Path(path).name.split("_")[0]
+
+
+def test_ingest_then_search_by_text_and_image(tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]) -> None:
+    folder, labels = colour_folder
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=32)
+    report = db.ingest([folder])
+    assert report.added == len(labels) and not report.skipped
+    assert report.codec_trained_on == len(labels)
+    stats = db.stats()
+    assert (stats.images, stats.staged, stats.bits_per_image, stats.codec) == (len(labels), 0, 32, "pq")
+    assert code_lengths(tmp_path / "db.semdb") == [4] * len(labels)
+
+    for colour in COLOURS:
+        hits = db.search(f"a {colour} thing", k=6)
+        assert [labels[hit.path] for hit in hits] == [colour] * 6
+        assert all(a.score >= b.score for a, b in itertools.pairwise(hits))
+    query = next(path for path, colour in labels.items() if colour == "green")
+    assert {labels[hit.path] for hit in db.search_image(query, k=6)} == {"green"}
+
+
+def test_second_run_skips_unchanged_files_without_encoding(
+    tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]
+) -> None:
+    folder, labels = colour_folder
+    encoder = FakeEncoder()
+    db = semdb.connect(tmp_path / "db.semdb", encoder=encoder, bits=32)
+    db.ingest([folder])
+    encoded = encoder.images_encoded
+    report = db.ingest([folder])
+    assert (report.added, report.unchanged, encoder.images_encoded) == (0, len(labels), encoded)
+
+    # Touching a file (new mtime, same bytes) re-hashes it but does not re-encode it.
+    touched = folder / "red_0.png"
+    os.utime(touched, ns=(1, 1))
+    report = db.ingest([folder])
+    assert (report.unchanged, report.updated, encoder.images_encoded) == (len(labels), 0, encoded)
+
+
+def test_same_content_under_a_second_path_is_not_encoded_twice(
+    tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]
+) -> None:
+    folder, labels = colour_folder
+    encoder = FakeEncoder()
+    db = semdb.connect(tmp_path / "db.semdb", encoder=encoder, bits=32)
+    db.ingest([folder])
+    encoded = encoder.images_encoded
+    copy = tmp_path / "elsewhere" / "copy.png"
+    copy.parent.mkdir()
+    shutil.copy(folder / "blue_1.png", copy)
+    report = db.ingest([copy.parent])
+    assert (report.added, report.duplicates, encoder.images_encoded) == (0, 1, encoded)
+    stats = db.stats()
+    assert (stats.images, stats.distinct_contents) == (len(labels) + 1, len(labels))
+    paths = [hit.path for hit in db.search("blue", k=len(labels) + 1)]
+    assert str(copy.resolve()) in paths and str((folder / "blue_1.png").resolve()) in paths
+
+
+def test_changed_file_is_re_encoded_and_old_code_dropped(
+    tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]
+) -> None:
+    folder, labels = colour_folder
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=32)
+    db.ingest([folder])
+    target = folder / "red_0.png"
+    Image.new("RGB", (24, 24), COLOURS["yellow"]).save(target)
+    report = db.ingest([folder])
+    assert report.updated == 1
+    assert db.stats().distinct_contents == len(labels)  # the old red content is gone
+    yellow = [Path(hit.path).name for hit in db.search("yellow", k=7)]
+    assert "red_0.png" in yellow
+
+
+def test_prune_forgets_deleted_files(tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]) -> None:
+    folder, labels = colour_folder
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=32)
+    db.ingest([folder])
+    (folder / "purple_0.png").unlink()
+    assert db.ingest([folder]).pruned == 0
+    assert db.stats().images == len(labels)
+    report = db.ingest([folder], prune=True)
+    assert report.pruned == 1
+    assert db.stats().images == len(labels) - 1
+    assert all(Path(hit.path).name != "purple_0.png" for hit in db.search("purple", k=len(labels)))
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_tiny_collections_get_exact_codes(tmp_path: Path, count: int) -> None:
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for i, colour in enumerate(list(COLOURS)[:count]):
+        Image.new("RGB", (20, 20), COLOURS[colour]).save(folder / f"{colour}_{i}.png")
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=64)
+    db.ingest([folder])
+    assert db.stats().images == count
+    assert code_lengths(tmp_path / "db.semdb") == [8] * count
+    assert colour_of(db.search("red", k=1)[0].path) == "red"
+
+
+def test_codec_trains_once_enough_embeddings_are_staged(tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    labels = write_colour_images(folder, per_colour=8)
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=16)
+    report = db.ingest([folder], batch_size=4, train_size=12)
+    assert report.codec_trained_on == 12  # three batches of four, then trained; the rest coded directly
+    stats = db.stats()
+    assert (stats.images, stats.staged) == (len(labels), 0)
+    assert code_lengths(tmp_path / "db.semdb") == [2] * len(labels)
+
+
+def test_staged_embeddings_are_searchable_before_the_codec_exists(
+    tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]
+) -> None:
+    folder, labels = colour_folder
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=32)
+    # A run killed before training leaves staged embeddings; simulate it by skipping the final training.
+    ingestor_finish = semdb.ingest.Ingestor.finish_training
+    try:
+        semdb.ingest.Ingestor.finish_training = lambda self: None  # type: ignore[method-assign]
+        db.ingest([folder])
+    finally:
+        semdb.ingest.Ingestor.finish_training = ingestor_finish  # type: ignore[method-assign]
+    assert db.stats().staged == len(labels)
+    assert {colour_of(hit.path) for hit in db.search("green", k=6)} == {"green"}
+    db.ingest([folder])  # the next run trains the codec and codes what was staged
+    assert db.stats().staged == 0 and len(code_lengths(tmp_path / "db.semdb")) == len(labels)
+
+
+def test_index_cache_is_rebuilt_when_missing_stale_or_corrupt(
+    tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]
+) -> None:
+    folder, labels = colour_folder
+    db_path = tmp_path / "db.semdb"
+    db = semdb.connect(db_path, encoder=FakeEncoder(), bits=32)
+    db.ingest([folder])
+    expected = [hit.path for hit in db.search("blue", k=5)]
+    cache = cache_path(db_path)
+    assert cache.is_file()
+
+    fresh = semdb.connect(db_path, encoder=FakeEncoder())
+    assert [hit.path for hit in fresh.search("blue", k=5)] == expected  # served from the cache
+
+    cache.unlink()
+    assert [hit.path for hit in semdb.connect(db_path, encoder=FakeEncoder()).search("blue", k=5)] == expected
+    cache.write_bytes(b"garbage")
+    assert [hit.path for hit in semdb.connect(db_path, encoder=FakeEncoder()).search("blue", k=5)] == expected
+
+    # A stale cache (the store changed since) is not used: a new blue image must be found.
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    Image.new("RGB", (24, 24), COLOURS["blue"]).save(extra / "blue_new.png")
+    semdb.connect(db_path, encoder=FakeEncoder()).ingest([extra])
+    hits = semdb.connect(db_path, encoder=FakeEncoder()).search("blue", k=len(labels))
+    assert str((extra / "blue_new.png").resolve()) in [hit.path for hit in hits]
+
+
+def test_database_is_bound_to_its_model_and_codec(
+    tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]
+) -> None:
+    folder, _ = colour_folder
+    db_path = tmp_path / "db.semdb"
+    semdb.connect(db_path, encoder=FakeEncoder(), bits=32).ingest([folder])
+    with pytest.raises(ModelMismatchError, match="fake-encoder"):
+        semdb.connect(db_path, model="ViT-B-32:openai")
+    with pytest.raises(ModelMismatchError, match="bits per image 32"):
+        semdb.connect(db_path, bits=64)
+    with pytest.raises(ModelMismatchError, match="codec pq"):
+        semdb.connect(db_path, codec="opq")
+    other = FakeEncoder(dim=16)
+    other.spec = "fake-encoder"
+    with pytest.raises(ModelMismatchError, match="16-d"):
+        semdb.connect(db_path, encoder=other).ingest([folder])
+
+
+def test_user_mistakes_raise_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseNotFoundError, match="semdb ingest"):
+        semdb.connect(tmp_path / "missing.semdb", create=False)
+    with pytest.raises(InvalidArgumentError, match="multiple of 8"):
+        semdb.connect(tmp_path / "db.semdb", bits=12)
+    with pytest.raises(InvalidArgumentError, match="choose one of"):
+        semdb.connect(tmp_path / "db.semdb", codec="zip")
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder())
+    with pytest.raises(NotReadyError):
+        db.search("red")
+    with pytest.raises(InvalidArgumentError):
+        db.ingest([])
+
+
+def test_search_results_are_plain_dataclasses(tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]) -> None:
+    folder, _ = colour_folder
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=32)
+    db.ingest([folder])
+    hit = db.search("red", k=1)[0]
+    assert set(hit.to_dict()) == {"id", "path", "score"}
+    assert isinstance(hit.score, float) and np.isfinite(hit.score)
