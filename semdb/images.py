@@ -156,8 +156,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageReadError(
-                    f"image is {width}x{height} = {width * height} pixels, over the {max_pixels} pixel limit "
-                    "(possible decompression bomb; raise --max-pixels to allow it)"
+                    f"possible decompression bomb, not decoded: {width}x{height} = {width * height} pixels, "
+                    f"over the {max_pixels} pixel limit (raise --max-pixels to allow it)"
                 )
             image.seek(0)
             image.load()
@@ -165,9 +165,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError("not an image (unrecognised format)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageReadError("image too large to decode safely (decompression bomb)") from None
+        raise ImageReadError("not an image, or corrupt (format not recognised)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageReadError(f"possible decompression bomb, not decoded: {error}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ImageReadError(f"corrupt or truncated image: {message}") from None

@@ -1,0 +1,151 @@
+"""A corpus of bad files: each is skipped with its reason recorded, and the run goes on."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FakeEncoder
+from PIL import Image
+
+import semdb
+import semdb.images
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width × height`` pixels: a decompression bomb's calling card."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+
+
+def image_bytes(fmt: str, colour: tuple[int, int, int] = (200, 40, 40), size: int = 32) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.full((size, size, 3), colour, np.uint8)
+    pixels[::4] = 255 - pixels[::4]  # some texture so that formats really encode something
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def make_corpus(root: Path) -> tuple[set[str], dict[str, str]]:
+    """Good images of every supported format, and bad files of every kind; returns (good, bad→reason)."""
+    root.mkdir()
+    good: set[str] = set()
+    for name, fmt in [
+        ("a.jpg", "JPEG"),
+        ("b.png", "PNG"),
+        ("c.webp", "WEBP"),
+        ("d.bmp", "BMP"),
+        ("e.tiff", "TIFF"),
+        ("f.JPEG", "JPEG"),
+    ]:
+        (root / name).write_bytes(image_bytes(fmt))
+        good.add(name)
+    frames = [Image.new("RGB", (32, 32), colour) for colour in [(0, 0, 255), (255, 0, 0)]]
+    frames[0].save(root / "g.gif", save_all=True, append_images=frames[1:])
+    good.add("g.gif")
+
+    bad: dict[str, str] = {}
+    jpeg = image_bytes("JPEG", size=64)
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    bad["truncated.jpg"] = "truncated"
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    bad["corrupt.png"] = "corrupt"
+    (root / "notes.jpg").write_text("this is a text file, not a picture\n")
+    bad["notes.jpg"] = "not an image"
+    (root / "empty.png").write_bytes(b"")
+    bad["empty.png"] = "empty file"
+    (root / "bomb.png").write_bytes(png_header_only(100_000, 100_000))
+    bad["bomb.png"] = "decompression bomb"
+    (root / "locked.png").write_bytes(image_bytes("PNG"))
+    bad["locked.png"] = "permission denied"
+    (root / "dangling.png").symlink_to(root / "does-not-exist.png")
+    bad["dangling.png"] = "broken symlink"
+    (root / "loop1.jpg").symlink_to(root / "loop2.jpg")
+    (root / "loop2.jpg").symlink_to(root / "loop1.jpg")
+    bad["loop1.jpg"] = bad["loop2.jpg"] = "symlink loop"
+    (root / "sub").mkdir()
+    (root / "sub" / "back-to-root").symlink_to(root)  # a folder loop: must not be walked forever
+    bad["back-to-root"] = "symlink loop"
+    non_utf8 = os.path.join(os.fsencode(root), b"caf\xe9.png")
+    with open(non_utf8, "wb") as handle:
+        handle.write(image_bytes("PNG"))
+    bad["caf\\xe9.png"] = "not valid UTF-8"
+    (root / "readme.txt").write_text("ignored: not an image suffix")
+    return good, bad
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, set[str], dict[str, str]]:
+    root = tmp_path / "corpus"
+    good, bad = make_corpus(root)
+    locked = root / "locked.png"
+    if os.geteuid() != 0:
+        locked.chmod(0)
+    else:  # root reads anything: make this one file's open fail as it would for a normal user
+        real_open = open
+
+        def guarded_open(file: object, *args: object, **kwargs: object) -> object:
+            if os.fspath(file) == str(locked):  # type: ignore[call-overload]
+                raise PermissionError(13, "Permission denied")
+            return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+
+        monkeypatch.setattr(semdb.images, "open", guarded_open, raising=False)
+    return root, good, bad
+
+
+def test_bad_files_are_skipped_with_reasons_and_good_ones_indexed(
+    tmp_path: Path, corpus: tuple[Path, set[str], dict[str, str]]
+) -> None:
+    root, good, bad = corpus
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=16)
+    report = db.ingest([root], max_pixels=50_000_000)
+
+    reported = {Path(path).name: reason for path, reason in report.skipped}
+    assert set(reported) == set(bad)
+    for name, expected in bad.items():
+        assert expected in reported[name], (name, reported[name])
+    recorded = {Path(path).name: reason for path, reason in db.skipped()}
+    assert recorded == reported
+    stats = db.stats()
+    assert (stats.images, stats.skipped) == (len(good), len(bad))
+    indexed = {Path(hit.path).name for hit in db.search("red", k=50)}
+    assert indexed == good
+
+
+def test_a_skipped_file_that_is_fixed_gets_indexed(
+    tmp_path: Path, corpus: tuple[Path, set[str], dict[str, str]]
+) -> None:
+    root, good, bad = corpus
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=16)
+    db.ingest([root])
+    (root / "notes.jpg").write_bytes(image_bytes("JPEG"))
+    report = db.ingest([root])
+    assert "notes.jpg" not in {Path(path).name for path, _ in report.skipped}
+    assert db.stats().images == len(good) + 1
+    assert db.stats().skipped == len(bad) - 1
+
+
+def test_decode_image_refuses_oversized_images() -> None:
+    with pytest.raises(semdb.errors.ImageReadError, match="pixel limit"):
+        semdb.images.decode_image(image_bytes("PNG", size=64), max_pixels=1000)
+    assert semdb.images.decode_image(image_bytes("PNG", size=64), max_pixels=4096).size == (64, 64)
+
+
+def test_header_bombs_are_refused_before_decoding() -> None:
+    # Below PIL's own limit but above semdb's default: caught by semdb's check, from the header alone.
+    with pytest.raises(semdb.errors.ImageReadError, match="over the 64000000 pixel limit"):
+        semdb.images.decode_image(png_header_only(9_000, 9_000))
+    # Far above PIL's limit: PIL refuses to open it at all.
+    with pytest.raises(semdb.errors.ImageReadError, match="decompression bomb"):
+        semdb.images.decode_image(png_header_only(100_000, 100_000), max_pixels=10**11)
