@@ -146,9 +146,11 @@ class Ingestor:
         found = list(find_images(roots))
         with self.store.session() as session:
             known = {
-                row.path: (row.size, row.mtime_ns, row.status)
+                row.path: (row.size, row.mtime_ns, row.status, row.error)
                 for row in session.execute(
-                    select(ImageRecord.path, ImageRecord.size, ImageRecord.mtime_ns, ImageRecord.status)
+                    select(
+                        ImageRecord.path, ImageRecord.size, ImageRecord.mtime_ns, ImageRecord.status, ImageRecord.error
+                    )
                 )
             }
         bad = [item for item in found if isinstance(item, BadFile)]
@@ -157,7 +159,11 @@ class Ingestor:
             if isinstance(item, FoundFile):
                 previous = known.get(item.path)
                 if previous is not None and previous[:2] == (item.size, item.mtime_ns):
-                    self.report.unchanged += 1
+                    if previous[2] == STATUS_SKIPPED:
+                        # Still bad: report it again (without re-reading it) so every run lists it.
+                        self.report.skipped.append((item.path, previous[3] or ""))
+                    else:
+                        self.report.unchanged += 1
                 else:
                     candidates.append(item)
         if set_total is not None:
