@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
@@ -168,7 +169,8 @@ class Database:
     def setting(self, key: str) -> str | None:
         """One stored setting (``model``, ``codec``, ``bits_per_image``, ``generation``...)."""
         with self.store.session() as session:
-            return session.get(Setting, key).value if session.get(Setting, key) else None
+            setting = session.get(Setting, key)
+            return setting.value if setting is not None else None
 
     @property
     def model_spec(self) -> str:
@@ -291,6 +293,7 @@ class Database:
                     .where(ImageRecord.status == STATUS_INDEXED)
                     .order_by(ImageRecord.id)
                 ).all()
+        coded_index: faiss.Index | None
         if cached is not None:
             coded_index, coded_ids = cached
         else:

@@ -15,13 +15,15 @@ import difflib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
 from PIL import Image
 
 from semdb.errors import InvalidArgumentError, ModelUnavailableError
+
+if TYPE_CHECKING:  # torch is imported lazily: commands that never load a model start fast
+    import torch
 
 DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
 BUNDLED_MODEL = "tiny-fashion"
@@ -45,6 +47,8 @@ class Encoder(Protocol):
 
 def resolve_device(device: str | None) -> torch.device:
     """``None``/``"auto"`` → CUDA when available, else CPU."""
+    import torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -57,6 +61,8 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def _normalise(features: torch.Tensor) -> np.ndarray:
+    import torch
+
     features = torch.nn.functional.normalize(features.float(), dim=-1)
     return features.cpu().numpy().astype(np.float32, copy=False)
 
@@ -79,27 +85,30 @@ class OpenClipEncoder:
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = batch_size
-        with torch.inference_mode():
-            self.dim = int(self.encode_texts(["a photo"]).shape[1])
+        self.dim = int(self.encode_texts(["a photo"]).shape[1])
 
-    @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         """``n`` PIL images → ``(n, dim)`` float32, L2-normalised."""
+        import torch
+
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
         chunks = []
-        for start in range(0, len(images), self.batch_size):
-            pixels = torch.stack([self.preprocess(image) for image in images[start : start + self.batch_size]])
-            chunks.append(_normalise(self.model.encode_image(pixels.to(self.device))))
+        with torch.inference_mode():
+            for start in range(0, len(images), self.batch_size):
+                pixels = torch.stack([self.preprocess(image) for image in images[start : start + self.batch_size]])
+                chunks.append(_normalise(self.model.encode_image(pixels.to(self.device))))
         return np.concatenate(chunks)
 
-    @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """``n`` strings → ``(n, dim)`` float32, L2-normalised."""
+        import torch
+
         chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(list(texts[start : start + self.batch_size]))
-            chunks.append(_normalise(self.model.encode_text(tokens.to(self.device))))
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                tokens = self.tokenizer(list(texts[start : start + self.batch_size]))
+                chunks.append(_normalise(self.model.encode_text(tokens.to(self.device))))
         return np.concatenate(chunks) if chunks else np.zeros((0, getattr(self, "dim", 0)), np.float32)
 
 

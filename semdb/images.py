@@ -13,7 +13,6 @@ import stat
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
@@ -74,7 +73,7 @@ def _stat_file(path: str) -> FoundFile | BadFile:
     return FoundFile(os.path.abspath(path), info.st_size, info.st_mtime_ns)
 
 
-def find_images(roots: Iterable[str | Path]) -> Iterator[FoundFile | BadFile]:
+def find_images(roots: Iterable[str | os.PathLike[str]]) -> Iterator[FoundFile | BadFile]:
     """Walk ``roots`` (files or folders, recursively) and yield image candidates and bad paths.
 
     Folders contribute files with an image suffix; a file named explicitly is always tried.
@@ -173,6 +172,6 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageReadError(f"corrupt or truncated image: {message}") from None
 
 
-def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Read and decode the image at ``path`` (e.g. a query image)."""
     return decode_image(read_bytes(os.fspath(path)), max_pixels)
