@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 
 from semdb.codecs import DEFAULT_CODEC, list_codecs
+from semdb.codecs.base import check_bits
 from semdb.database import DB_ENV_VAR, DEFAULT_BITS, DEFAULT_DB_FILENAME, SearchResult, connect, default_database_path
-from semdb.encoder import BUNDLED_MODEL, DEFAULT_MODEL
+from semdb.encoder import BUNDLED_MODEL, DEFAULT_MODEL, load_encoder
 from semdb.errors import SemdbError
 from semdb.images import DEFAULT_MAX_PIXELS
 
@@ -59,9 +61,14 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    db = connect(
-        args.db or default_database_path(), model=args.model, codec=args.codec, bits=args.bits, device=args.device
-    )
+    location = args.db or default_database_path()
+    encoder = None
+    if "://" not in location and not os.path.exists(location):
+        # A new database: load the model first, so that an unavailable model leaves no empty file behind.
+        if args.bits is not None:
+            check_bits(args.bits)
+        encoder = load_encoder(args.model or DEFAULT_MODEL, device=args.device)
+    db = connect(location, model=args.model, codec=args.codec, bits=args.bits, device=args.device, encoder=encoder)
     with db:
         report = db.ingest(
             args.paths,

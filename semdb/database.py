@@ -114,6 +114,11 @@ class Database:
         self._encoder = encoder
         self._index: SearchIndex | None = None
         self._codec_cache: tuple[int, Codec] | None = None
+        # Validate before the store exists, so that a mistake never leaves an empty database behind.
+        if bits is not None:
+            check_bits(bits)
+        if codec is not None:
+            codec_class(codec)  # raises with the valid names
         self.store = Store(self.url)
         self._bind(model if model is not None else (encoder.spec if encoder is not None else None), codec, bits)
 
@@ -127,10 +132,6 @@ class Database:
 
         The codec and bits may still change until the codec is trained (nothing is coded yet).
         """
-        if bits is not None:
-            check_bits(bits)
-        if codec is not None:
-            codec_class(codec)  # raises with the valid names
         with self.store.transaction() as session:
             settings = self._settings(session)
             stored_model = settings.get("model")

@@ -12,6 +12,8 @@ A model is named by a *spec*:
 from __future__ import annotations
 
 import difflib
+import os
+import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +155,28 @@ def _check_arch(arch: str) -> None:
         )
 
 
+def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the weights hub answers on HTTPS (False at once when HF_HUB_OFFLINE is set)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _weights_cached(pretrained_cfg: dict[str, Any]) -> bool:
+    """Whether open_clip's pretrained weights for ``pretrained_cfg`` are already in the HF cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo = str(pretrained_cfg.get("hf_hub", "")).strip("/")
+    if not repo:
+        return False
+    filenames = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    return any(isinstance(try_to_load_from_cache(repo, name), str) for name in filenames)
+
+
 def load_encoder(spec: str, device: str | None = None, batch_size: int = 64) -> OpenClipEncoder:
     """Load the model named by ``spec`` (see the module docstring) as an :class:`OpenClipEncoder`."""
     if spec == BUNDLED_MODEL:
@@ -183,10 +207,13 @@ def load_encoder(spec: str, device: str | None = None, batch_size: int = 64) -> 
                 f"unknown pretrained tag {parsed.tag!r} for {parsed.arch}; valid tags: {choices}"
             )
         pretrained = parsed.tag
+        pretrained_cfg = open_clip.pretrained.get_pretrained_cfg(parsed.arch, parsed.tag)
         try:
-            # Fetch (or find in open_clip's cache) the weights before building the model, so that an
-            # offline machine fails in a second with a useful message rather than after a long init.
-            open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(parsed.arch, parsed.tag))
+            # Fetch (or find in the cache) the weights before building the model, so that an offline
+            # machine fails in seconds with a useful message, not after a minute of hub retries.
+            if not _weights_cached(pretrained_cfg) and not _hub_reachable():
+                raise OSError("weights hub unreachable")
+            open_clip.pretrained.download_pretrained(pretrained_cfg)
         except Exception as error:  # huggingface_hub, urllib and OS errors alike mean "not reachable"
             raise ModelUnavailableError(
                 f"could not download the weights of {spec} (no network or hub unreachable); "
