@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One-command set-up: the Fashion-MNIST data (Debian package) and semdb with its test tools.
+# Usage: bash scripts/setup.sh      (root, or a user with sudo, on Debian/Ubuntu)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get install -y -q dataset-fashion-mnist \
+        || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; }
+fi
+
+python3 -m pip install -q -e ".[dev]"
+echo "semdb is installed: try 'semdb demo'"
