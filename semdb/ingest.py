@@ -218,6 +218,8 @@ class Ingestor:
                 to_encode[item.sha256] = item
         images = [item.image for item in to_encode.values() if item.image is not None]
         embeddings = self.encoder.encode_images(images) if images else None
+        codec = self.codec_state.codec
+        codes = codec.encode(embeddings) if codec is not None and embeddings is not None else None
 
         with self.store.transaction() as session:
             content_ids = dict(existing)
@@ -227,7 +229,12 @@ class Ingestor:
                 session.add(content)
                 session.flush()
                 content_ids[sha] = content.id
-                self._store_embedding(session, content.id, embeddings[row])
+                if codes is not None:
+                    session.add(
+                        Code(content_id=content.id, codec_id=self.codec_state.record_id, code=codes[row].tobytes())
+                    )
+                else:
+                    session.add(StagedEmbedding(content_id=content.id, embedding=embeddings[row].tobytes()))
             for item in prepared:
                 if item.error is not None:
                     self._record_skip(session, item.found.path, item.error, item.found)
@@ -239,14 +246,6 @@ class Ingestor:
                 staged_count = session.scalar(select(func.count()).select_from(StagedEmbedding)) or 0
                 if staged_count >= self.train_size:
                     self._train_and_code_staged(session)
-
-    def _store_embedding(self, session: Session, content_id: int, embedding: np.ndarray) -> None:
-        codec = self.codec_state.codec
-        if codec is None:
-            session.add(StagedEmbedding(content_id=content_id, embedding=embedding.astype(np.float32).tobytes()))
-            return
-        code = codec.encode(embedding[None, :])[0]
-        session.add(Code(content_id=content_id, codec_id=self.codec_state.record_id, code=code.tobytes()))
 
     def _record_image(self, session: Session, item: _Prepared, content_id: int, newly_encoded: bool) -> None:
         record = session.scalar(select(ImageRecord).where(ImageRecord.path == item.found.path))
