@@ -10,9 +10,13 @@ and searched by text with FAISS directly over the codes::
         print(hit.score, hit.path)
 """
 
-from semdb.database import Database, SearchResult, Stats, connect
-from semdb.errors import SemdbError
-from semdb.ingest import IngestReport
+from semdb.threads import configure_faiss_threads
+
+configure_faiss_threads()
+
+from semdb.database import Database, SearchResult, Stats, connect  # noqa: E402
+from semdb.errors import SemdbError  # noqa: E402
+from semdb.ingest import IngestReport  # noqa: E402
 
 __all__ = ["Database", "IngestReport", "SearchResult", "SemdbError", "Stats", "connect"]
 __version__ = "0.1.0"
