@@ -1,0 +1,255 @@
+"""The FAISS baselines: product (``pq``), optimised product (``opq``) and residual (``rq``) quantisers.
+
+Each codec wraps one trained FAISS index whose standalone codec (``sa_encode``/``sa_decode``) makes
+codes of exactly ``bits_per_image / 8`` bytes; the state is FAISS's own serialisation of that index
+(``faiss.serialize_index``), not pickle. All three use the inner-product metric, so
+:meth:`search_index` scores ``<query, decoded item>`` straight from the codes (asymmetric distance).
+
+**Layout.** ``bits_per_image = M × nbits``: ``M`` sub-quantisers (PQ/OPQ: sub-vectors, ``d % M == 0``;
+RQ: residual stages) of ``2**nbits`` centroids each. ``nbits = 8`` is preferred (FAISS's fast path);
+other ``nbits`` are used when 8 gives no valid layout (e.g. ``d = 16`` at 256 bits).
+
+**Small training sets.** k-means needs at least as many training vectors ``n`` as centroids. When
+``n < 256`` the layout uses the largest ``nbits <= floor(log2(n))`` that is valid, so ordinary
+k-means still runs. When even that is impossible (``n = 1``, or no valid layout is small enough),
+the smallest valid ``nbits`` is taken. Whenever ``n <= 2**nbits``, each codebook is filled with the
+training (sub-)vectors themselves, repeated: with no more training vectors than centroids this
+reproduces every training vector exactly, the optimum k-means would seek; RQ puts the training
+vectors in its first stage and zeros in the others. OPQ keeps the identity rotation then, and
+whenever ``n < 2 d`` (too few vectors to learn a d × d rotation from; FAISS aborts on some such sets).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Self
+
+import faiss
+import numpy as np
+
+from semdb.codecs.base import Codec, as_embeddings, check_bits
+from semdb.errors import InvalidArgumentError
+
+# nbits in order of preference: 8 (FAISS's byte-aligned fast path), then smaller codebooks, which
+# train on fewer vectors, then larger ones, which are only needed when d is too small for 8.
+_NBITS_PREFERENCE = (8, 7, 6, 5, 4, 3, 2, 1, 9, 10, 11, 12, 13, 14, 15, 16)
+
+
+def choose_layout(dim: int, bits_per_image: int, n_train: int, split_dims: bool) -> tuple[int, int]:
+    """Pick ``(M, nbits)`` with ``M * nbits == bits_per_image`` for ``n_train`` training vectors.
+
+    ``split_dims``: the ``M`` quantisers each take ``dim / M`` dimensions (PQ, OPQ), so ``dim % M``
+    must be 0. Returns the first ``nbits`` of :data:`_NBITS_PREFERENCE` that is valid and has no more
+    centroids than training vectors, else the smallest valid ``nbits`` (see the module docstring).
+    """
+    bits = check_bits(bits_per_image)
+    valid = [nbits for nbits in _NBITS_PREFERENCE if bits % nbits == 0 and _fits(dim, bits // nbits, nbits, split_dims)]
+    if not valid:
+        raise InvalidArgumentError(
+            f"no product-quantiser layout for {dim}-d embeddings at {bits} bits: need M sub-vectors of "
+            f"nbits <= 16 bits each with M * nbits = {bits} and {dim} divisible by M; try another --bits "
+            f"or the rq codec"
+        )
+    trainable = [nbits for nbits in valid if 2**nbits <= n_train]
+    nbits = trainable[0] if trainable else min(valid)
+    return bits // nbits, nbits
+
+
+def _fits(dim: int, M: int, nbits: int, split_dims: bool) -> bool:
+    """Whether ``M`` quantisers of ``nbits`` can code ``dim``-d vectors (see :func:`choose_layout`)."""
+    if not split_dims:
+        return True
+    if dim < M or dim % M:
+        return False
+    # FAISS's SIMD distance tables for 2-d sub-vectors need codebooks of a multiple of 8 entries.
+    return dim // M != 2 or nbits >= 3
+
+
+def cast_index(index: faiss.Index) -> Any:
+    """A non-owning view of ``index`` as its concrete FAISS class (whose attributes FAISS's type
+    stubs do not declare); ``index`` must outlive it."""
+    return faiss.downcast_index(index)
+
+
+def _cyclic_codebook(vectors: np.ndarray, size: int) -> np.ndarray:
+    """``size`` rows taken cyclically from ``vectors`` ``(n, k)`` → ``(size, k)`` float32."""
+    return np.ascontiguousarray(vectors[np.arange(size) % len(vectors)], dtype=np.float32)
+
+
+def _set_vector(vector: faiss.Float32Vector, values: np.ndarray) -> None:
+    """Overwrite a FAISS float vector with ``values`` (any shape, flattened)."""
+    vector.resize(0)
+    faiss.copy_array_to_vector(np.ascontiguousarray(values, dtype=np.float32).ravel(), vector)
+
+
+def _quiet(clustering: faiss.ClusteringParameters, seed: int) -> None:
+    """Seed a k-means and let it run on any number of points ≥ centroids without a warning.
+
+    FAISS warns below 39 points per centroid; small collections are a supported case here.
+    """
+    clustering.seed = seed
+    clustering.min_points_per_centroid = 1
+
+
+class FaissCodec(Codec):
+    """A codec backed by one trained FAISS index used through its standalone codec interface."""
+
+    index_types: ClassVar[tuple[type, ...]]
+
+    def __init__(self, index: faiss.Index) -> None:
+        super().__init__(index.d, index.sa_code_size() * 8)
+        self.index = index
+
+    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+        """``(n, d)`` float32 → ``(n, code_size)`` uint8."""
+        x = as_embeddings(embeddings, self.dim)
+        if not len(x):
+            return np.empty((0, self.code_size), dtype=np.uint8)
+        codes: np.ndarray = self.index.sa_encode(x)
+        return codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """``(n, code_size)`` uint8 → ``(n, d)`` float32."""
+        c = self.check_codes(codes)
+        if not len(c):
+            return np.empty((0, self.dim), dtype=np.float32)
+        decoded: np.ndarray = self.index.sa_decode(c)
+        return decoded
+
+    def search_index(self, codes: np.ndarray) -> faiss.Index:
+        """A copy of the trained index holding ``codes`` ``(n, code_size)`` uint8: row ``i`` = ``codes[i]``.
+
+        Search is asymmetric: queries stay float, the items stay codes, scores are
+        ``<query, decode(code)>``.
+        """
+        index = faiss.clone_index(self.index)
+        c = self.check_codes(codes)
+        if len(c):
+            if isinstance(index, faiss.IndexPreTransform):
+                # The pre-transform does not forward add_sa_codes: the codes go to the inner index.
+                inner = faiss.downcast_index(index.index)
+                inner.add_sa_codes(c)
+                index.ntotal = inner.ntotal
+            else:
+                index.add_sa_codes(c)
+        return index
+
+    def to_bytes(self) -> bytes:
+        """FAISS's serialisation of the trained (empty) index."""
+        return bytes(faiss.serialize_index(self.index).tobytes())
+
+    @classmethod
+    def from_bytes(cls, state: bytes) -> Self:
+        """Inverse of :meth:`to_bytes`; raises :class:`InvalidArgumentError` on foreign bytes."""
+        try:
+            index = faiss.deserialize_index(np.frombuffer(state, dtype=np.uint8))
+        except RuntimeError as error:
+            raise InvalidArgumentError(f"not a serialised {cls.name} codec: {error}") from None
+        if not isinstance(index, cls.index_types) or not index.is_trained:
+            raise InvalidArgumentError(f"not a serialised {cls.name} codec: got a {type(index).__name__}")
+        return cls(index)
+
+
+class PQCodec(FaissCodec):
+    """Product quantiser: ``M`` sub-vectors of ``d / M`` dimensions, ``2**nbits`` centroids each."""
+
+    name = "pq"
+    index_types = (faiss.IndexPQ,)
+
+    @classmethod
+    def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Self:
+        """Train on ``embeddings`` ``(n, d)`` float32; the layout follows :func:`choose_layout`."""
+        x = as_embeddings(embeddings)
+        M, nbits = choose_layout(x.shape[1], bits_per_image, len(x), split_dims=True)
+        index = faiss.IndexPQ(x.shape[1], M, nbits, faiss.METRIC_INNER_PRODUCT)
+        _train_pq(index.pq, x, seed)
+        index.is_trained = True
+        return cls(index)
+
+    def describe(self) -> str:
+        """E.g. ``pq 64 bits (8x8)``: M sub-quantisers x nbits."""
+        pq = cast_index(self.index).pq
+        return f"{self.name} {self.bits_per_image} bits ({pq.M}x{pq.nbits})"
+
+
+def _train_pq(pq: faiss.ProductQuantizer, x: np.ndarray, seed: int) -> None:
+    """Train ``pq`` on ``x`` ``(n, d)``: k-means, or the cyclic codebooks when ``n <= 2**nbits``."""
+    _quiet(pq.cp, seed)
+    if len(x) > pq.ksub:
+        pq.train(x)
+        return
+    sub = x.reshape(len(x), pq.M, pq.dsub).transpose(1, 0, 2)  # (M, n, dsub)
+    _set_vector(pq.centroids, np.stack([_cyclic_codebook(s, pq.ksub) for s in sub]))
+
+
+class OPQCodec(FaissCodec):
+    """OPQ rotation followed by a product quantiser (FAISS ``OPQM,PQMxnbits``)."""
+
+    name = "opq"
+    index_types = (faiss.IndexPreTransform,)
+
+    @classmethod
+    def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Self:
+        """Train on ``embeddings`` ``(n, d)`` float32; the layout follows :func:`choose_layout`."""
+        x = as_embeddings(embeddings)
+        d = x.shape[1]
+        M, nbits = choose_layout(d, bits_per_image, len(x), split_dims=True)
+        # Built by the factory so that the C++ index owns its parts; they are trained one by one.
+        index: Any = faiss.index_factory(d, f"OPQ{M},PQ{M}x{nbits}", faiss.METRIC_INNER_PRODUCT)
+        opq: Any = faiss.downcast_VectorTransform(index.chain.at(0))
+        pq_index = cast_index(index.index)
+        if len(x) > 2**nbits and len(x) >= 2 * d:
+            # OPQ alternates rotation and PQ training; by default with an 8-bit PQ, which would need
+            # 256 training vectors, so it gets one of the chosen layout.
+            inner_pq = faiss.ProductQuantizer(d, M, nbits)
+            _quiet(inner_pq.cp, seed)
+            opq.pq = inner_pq
+            opq.train(x)
+            opq.pq = None
+        else:
+            _set_vector(opq.A, np.eye(d, dtype=np.float32))
+            opq.is_trained = True
+            opq.is_orthonormal = True
+        _train_pq(pq_index.pq, opq.apply(x), seed)
+        pq_index.is_trained = True
+        index.is_trained = True
+        return cls(index)
+
+    def describe(self) -> str:
+        """E.g. ``opq 64 bits (8x8)``: M sub-quantisers x nbits."""
+        pq = cast_index(cast_index(self.index).index).pq
+        return f"{self.name} {self.bits_per_image} bits ({pq.M}x{pq.nbits})"
+
+
+class RQCodec(FaissCodec):
+    """Residual quantiser: ``M`` stages of ``2**nbits`` full-dimensional centroids, beam-search encoded."""
+
+    name = "rq"
+    index_types = (faiss.IndexResidualQuantizer,)
+
+    @classmethod
+    def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Self:
+        """Train on ``embeddings`` ``(n, d)`` float32; the layout follows :func:`choose_layout`."""
+        x = as_embeddings(embeddings)
+        d = x.shape[1]
+        M, nbits = choose_layout(d, bits_per_image, len(x), split_dims=False)
+        # The default search type, ST_decompress, stores no norm with the code (the inner-product
+        # metric needs none), so the code is exactly M * nbits bits.
+        index: Any = faiss.IndexResidualQuantizer(d, M, nbits, faiss.METRIC_INNER_PRODUCT)
+        _quiet(index.rq.cp, seed)
+        if len(x) < 2 * d:
+            # The default progressive-dimension k-means starts from a PCA, which needs n > d points.
+            index.rq.train_type = faiss.ResidualQuantizer.Train_default
+        if len(x) > 2**nbits:
+            index.train(x)
+        else:
+            codebooks = np.zeros((M, 2**nbits, d), dtype=np.float32)
+            codebooks[0] = _cyclic_codebook(x, 2**nbits)
+            _set_vector(index.rq.codebooks, codebooks)
+            index.rq.is_trained = True
+            index.is_trained = True
+        return cls(index)
+
+    def describe(self) -> str:
+        """E.g. ``rq 64 bits (8x8)``: M stages x nbits."""
+        rq = cast_index(self.index).rq
+        return f"{self.name} {self.bits_per_image} bits ({rq.M}x{rq.nbits.at(0)})"

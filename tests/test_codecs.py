@@ -1,0 +1,155 @@
+"""Codecs on plain arrays: sizes, shapes, serialisation, search over codes, small collections."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import faiss
+import numpy as np
+import pytest
+
+from semdb.codecs import list_codecs, load_codec, train_codec
+from semdb.codecs.faiss_codecs import choose_layout
+from semdb.errors import InvalidArgumentError
+
+FAISS_CODECS = ["pq", "opq", "rq"]
+ALL_BITS = [8, 16, 32, 64, 128, 256]
+DIM = 32
+
+
+def unit_rows(rng: np.random.Generator, n: int, d: int = DIM) -> np.ndarray:
+    """``(n, d)`` float32 rows on the unit sphere, drawn around a few cluster centres."""
+    centres = rng.standard_normal((8, d))
+    x = centres[rng.integers(0, 8, n)] + 0.5 * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread() -> Iterator[None]:
+    """FAISS's OpenMP threads spin-wait; on a busy machine one thread is several times faster."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    """(train (400, 32), test (50, 32)) float32 unit vectors."""
+    rng = np.random.default_rng(0)
+    return unit_rows(rng, 400), unit_rows(rng, 50)
+
+
+def test_registry_lists_the_codecs() -> None:
+    assert list_codecs() == ["opq", "pq", "pqvae", "rq"]
+
+
+# RQ trains one k-means per 8 bits with a beam search in between: 128 and 256 bits take tens of
+# seconds, so those sizes are covered by the small-collection test below.
+@pytest.mark.parametrize(
+    ("name", "bits"), [(name, bits) for name in FAISS_CODECS for bits in ALL_BITS if name != "rq" or bits <= 64]
+)
+def test_codes_sizes_shapes_and_round_trip(name: str, bits: int, data: tuple[np.ndarray, np.ndarray]) -> None:
+    train, test = data
+    codec = train_codec(name, train, bits)
+    codes = codec.encode(test)
+    assert codec.bits_per_image == bits
+    assert codes.shape == (len(test), bits // 8)
+    assert codes.dtype == np.uint8
+    decoded = codec.decode(codes)
+    assert decoded.shape == test.shape
+    assert decoded.dtype == np.float32
+
+    restored = load_codec(name, codec.to_bytes())
+    assert restored.bits_per_image == bits
+    assert np.array_equal(restored.encode(test), codes)
+    assert np.array_equal(restored.decode(codes), decoded)
+    assert restored.to_bytes() == codec.to_bytes()
+
+
+@pytest.mark.parametrize("name", FAISS_CODECS)
+def test_training_is_deterministic(name: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+    train, _ = data
+    assert train_codec(name, train, 64, seed=3).to_bytes() == train_codec(name, train, 64, seed=3).to_bytes()
+
+
+@pytest.mark.parametrize("name", FAISS_CODECS)
+def test_search_index_scores_codes_by_inner_product(name: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+    train, test = data
+    codec = train_codec(name, train, 64)
+    codes = codec.encode(test)
+    index = codec.search_index(codes)
+    assert index.ntotal == len(test)
+    scores, ids = index.search(train[:7], 5)
+    expected = train[:7] @ codec.decode(codes).T  # (7, 50): row i of the index is codes[i]
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, ids, axis=1), atol=1e-4)
+    assert np.array_equal(ids[:, 0], expected.argmax(axis=1))
+
+
+@pytest.mark.parametrize("name", FAISS_CODECS)
+def test_reconstruction_beats_chance(name: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+    train, test = data
+    codec = train_codec(name, train, 64)
+    rng = np.random.default_rng(1)
+
+    def mean_cosine(codes: np.ndarray) -> float:
+        decoded = codec.decode(codes)
+        return float(np.mean(np.sum(decoded * test, axis=1) / np.linalg.norm(decoded, axis=1)))
+
+    random_codes = rng.integers(0, 256, (len(test), codec.code_size), dtype=np.uint8)
+    trained = mean_cosine(codec.encode(test))
+    assert trained > 0.7
+    assert trained > mean_cosine(random_codes) + 0.3
+
+
+@pytest.mark.parametrize("name", FAISS_CODECS)
+@pytest.mark.parametrize("n", [1, 2, 5, 40])
+@pytest.mark.parametrize("bits", [8, 64, 256])
+def test_tiny_training_sets_still_give_exact_size_codes(name: str, n: int, bits: int) -> None:
+    rng = np.random.default_rng(n)
+    train = unit_rows(rng, n)
+    codec = train_codec(name, train, bits)
+    codes = codec.encode(train)
+    assert codes.shape == (n, bits // 8)
+    if n <= 2:
+        # No more vectors than centroids: every training vector is reproduced exactly.
+        np.testing.assert_allclose(codec.decode(codes), train, atol=1e-5)
+    assert load_codec(name, codec.to_bytes()).search_index(codes).ntotal == n
+
+
+def test_layout_prefers_bytes_and_falls_back_for_small_collections() -> None:
+    assert choose_layout(384, 64, 100_000, split_dims=True) == (8, 8)
+    assert choose_layout(384, 64, 20, split_dims=True) == (16, 4)  # 16 centroids <= 20 vectors
+    assert choose_layout(384, 64, 1, split_dims=True) == (64, 1)
+    assert choose_layout(16, 256, 100_000, split_dims=True) == (16, 16)  # 8-bit would need 32 | 16
+    assert choose_layout(30, 64, 100_000, split_dims=False) == (8, 8)
+
+
+@pytest.mark.parametrize("name", ["pq", "opq"])
+def test_impossible_layout_is_a_clear_error(name: str) -> None:
+    x = unit_rows(np.random.default_rng(0), 100, d=7)
+    with pytest.raises(InvalidArgumentError, match="no product-quantiser layout"):
+        train_codec(name, x, 64)
+
+
+@pytest.mark.parametrize("bits", [0, 12, -8])
+def test_bad_bit_rates_are_rejected(bits: int, data: tuple[np.ndarray, np.ndarray]) -> None:
+    with pytest.raises(InvalidArgumentError, match="multiple of 8"):
+        train_codec("pq", data[0], bits)
+
+
+@pytest.mark.parametrize("name", FAISS_CODECS)
+def test_foreign_state_is_rejected(name: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+    other = "rq" if name != "rq" else "pq"
+    with pytest.raises(InvalidArgumentError):
+        load_codec(name, train_codec(other, data[0], 32).to_bytes())
+    with pytest.raises(InvalidArgumentError):
+        load_codec(name, b"not a codec")
+
+
+def test_wrong_shapes_are_rejected(data: tuple[np.ndarray, np.ndarray]) -> None:
+    codec = train_codec("pq", data[0], 32)
+    with pytest.raises(InvalidArgumentError, match="dimension"):
+        codec.encode(np.zeros((2, DIM + 1), dtype=np.float32))
+    with pytest.raises(InvalidArgumentError, match="codes must have shape"):
+        codec.decode(np.zeros((2, 5), dtype=np.uint8))
