@@ -3,15 +3,15 @@
 LiT-style ("locked text"): the all-MiniLM-L6-v2 text tower stays frozen, so its caption embeddings
 are computed once and cached; only the small open_clip ModifiedResNet image tower (and the logit
 scale) learns, contrastively, to land each training image next to captions of its class. Captions
-come from the class names through varied templates and synonyms; the wordings in ``HELD_OUT_*`` are
-never trained on and are used only to test generalisation.
+come from the class names through varied templates and synonyms; the wordings in
+``HELD_OUT_QUERIES`` are never trained on and are used only to test generalisation.
 
-Usage (about 10-15 minutes on a shared 2-core CPU)::
+Usage (about 7 minutes on a shared 2-core CPU, with the default single torch thread)::
 
     nice -n 5 python3 scripts/train_tiny_fashion.py            # writes semdb/assets/tiny_fashion.safetensors
     python3 scripts/train_tiny_fashion.py --eval-only          # re-measure the shipped checkpoint
 
-Seeded (``--seed``) and single-threaded-deterministic on CPU: the same command gives the same file.
+Seeded (``--seed``), with deterministic torch algorithms.
 """
 
 from __future__ import annotations
