@@ -94,3 +94,15 @@ def test_search_held_out_wordings_on_codes(first_run: dict, demo_dir: Path, quer
     assert len(hits) == 10
     right = sum(label_from_path(hit["path"]) == label for hit in hits)
     assert right >= 7, (query, [hit["path"] for hit in hits])
+
+
+def test_demo_without_the_data_set_says_what_to_install(tmp_path: Path) -> None:
+    env = {**os.environ, fashion_mnist.ENV_VAR: str(tmp_path / "nowhere")}
+    result = subprocess.run(
+        [sys.executable, "-m", "semdb.cli", "demo", "--count", "20"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "apt-get install dataset-fashion-mnist" in lines[0], result.stderr
+    assert not (tmp_path / "semdb-demo" / "demo.semdb").exists()
