@@ -72,7 +72,7 @@ TEMPLATES: tuple[str, ...] = (
     "a white silhouette of {}",
 )
 # The one prompt per class for zero-shot classification and the per-class precision@10 queries.
-CLASS_PROMPTS: tuple[str, ...] = tuple(f"a photo of {SYNONYMS[label][0]}" for label in range(10))
+CLASS_PROMPTS = fashion_mnist.CLASS_PROMPTS
 # Wordings never seen in training: new synonyms, new templates, or both. (query, label)
 HELD_OUT_QUERIES: tuple[tuple[str, int], ...] = (
     ("a plain white tee", 0),

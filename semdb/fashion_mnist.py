@@ -36,6 +36,21 @@ CLASS_NAMES: tuple[str, ...] = (
 CLASS_SLUGS: tuple[str, ...] = tuple(name.lower().replace("/", "-").replace(" ", "-") for name in CLASS_NAMES)
 """File-system-safe class names, indexed by label (``t-shirt-top``, ..., ``ankle-boot``)."""
 
+CLASS_PROMPTS: tuple[str, ...] = (
+    "a photo of a t-shirt",
+    "a photo of a pair of trousers",
+    "a photo of a pullover",
+    "a photo of a dress",
+    "a photo of a coat",
+    "a photo of a sandal",
+    "a photo of a shirt",
+    "a photo of a sneaker",
+    "a photo of a bag",
+    "a photo of an ankle boot",
+)
+"""One plain-English text query per class, indexed by label: the zero-shot prompts and the class
+queries behind the bundled model's measured figures (``docs/bundled-model.md``)."""
+
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),

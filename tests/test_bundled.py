@@ -25,11 +25,6 @@ pytestmark = pytest.mark.skipif(
     reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)",
 )
 
-CLASS_PROMPTS = (
-    "a photo of a t-shirt", "a photo of a pair of trousers", "a photo of a pullover", "a photo of a dress",
-    "a photo of a coat", "a photo of a sandal", "a photo of a shirt", "a photo of a sneaker",
-    "a photo of a bag", "a photo of an ankle boot",
-)
 # Wordings absent from the training captions (see scripts/train_tiny_fashion.py), with their label.
 HELD_OUT = (
     ("a plain white tee", 0),
@@ -131,7 +126,7 @@ def test_preprocess_accepts_any_mode_and_size(encoder: OpenClipEncoder, test_sam
 
 
 def test_zero_shot_accuracy(encoder: OpenClipEncoder, image_embeddings: np.ndarray, test_sample: tuple) -> None:
-    predictions = (image_embeddings @ encoder.encode_texts(CLASS_PROMPTS).T).argmax(axis=1)
+    predictions = (image_embeddings @ encoder.encode_texts(fashion_mnist.CLASS_PROMPTS).T).argmax(axis=1)
     accuracy = float(np.mean(predictions == test_sample[1]))
     assert accuracy >= 0.85, f"zero-shot top-1 {accuracy:.3f}"
 
