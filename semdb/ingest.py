@@ -190,6 +190,10 @@ class Ingestor:
         if prune:
             self._prune(roots)
         self._delete_orphans()
+        if self.report.codec_trained_on is not None:
+            # The staged float embeddings (d × 4 bytes each) were just deleted: give their pages back,
+            # or the file stays the size of a float index.
+            self.store.compact()
         self.report.seconds = time.perf_counter() - started
         return self.report
 

@@ -193,6 +193,14 @@ class Store:
         """A plain session for reads."""
         return self._sessions()
 
+    def compact(self) -> None:
+        """Return free pages to the file system (SQLite ``VACUUM``; a no-op elsewhere)."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            connection.exec_driver_sql("VACUUM")
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+
     def close(self) -> None:
         """Release the connections."""
         self.engine.dispose()
