@@ -1,0 +1,281 @@
+"""PQVAE-shared: the seed paper's learned codec (``pqvae``).
+
+An MLP encoder lifts a ``(d,)`` embedding to a latent of ``M`` sub-vectors of ``latent_dim`` values;
+every sub-vector is replaced by its nearest entry of ONE codebook of ``2**8`` entries shared by all
+sub-vectors (straight-through gradient), and an MLP decoder maps the quantised latent back to the
+embedding space. A code is the ``M = bits_per_image / 8`` codebook indices, one byte each.
+
+Loss, as in the paper: ``10·(1 − cos(x̂, x)) + ‖sg(z) − q‖² + 0.25·‖z − sg(q)‖²``, plus one measured
+addition (``docs/codecs.md``): a similarity-preservation term ``‖x̂ Xᵀ − x Xᵀ‖²`` over the batch, which
+asks the reconstruction to score every other item of the batch as the original does — the quantity
+retrieval ranks by — rather than only to point the same way.
+
+Departures from the paper, each for training speed or codebook health on 2 CPU cores: residual MLPs
+sized to the input (hidden width ``max(4·latent, 2·d)`` capped at 1024) instead of 12 M-parameter
+transposed convolutions; Adam at 2e-3 with cosine decay for a fixed number of steps instead of
+1e-5 for 100 epochs; the codebook initialised by k-means on the first encoder outputs; codewords
+left unused for ``restart_every`` steps restarted on random encoder outputs.
+
+Training is seeded and single-threaded: the same data and seed give the same codec. State is
+safetensors, with the hyper-parameters as JSON in its metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, replace
+from typing import Self
+
+import faiss
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+from torch.nn import functional as F
+
+from semdb.codecs.base import Codec, as_embeddings, check_bits
+from semdb.errors import InvalidArgumentError
+
+CODEBOOK_BITS = 8  # one byte per sub-vector: any multiple of 8 bits is a whole number of them
+
+
+@dataclass(frozen=True)
+class PQVAEConfig:
+    """Hyper-parameters of a PQVAE codec (stored with its weights)."""
+
+    dim: int
+    bits_per_image: int
+    latent_dim: int = 16
+    hidden: int = 0  # 0: chosen from dim and the latent size, see :func:`default_hidden`
+    steps: int = 0  # 0: chosen from the training set size, see :func:`default_steps`
+    batch_size: int = 512
+    learning_rate: float = 2e-3
+    cosine_weight: float = 10.0
+    commitment_weight: float = 0.25
+    similarity_weight: float = 10.0
+    restart_every: int = 200
+
+    @property
+    def subvectors(self) -> int:
+        """``M``: sub-vectors (= code bytes) per embedding."""
+        return self.bits_per_image // CODEBOOK_BITS
+
+    @property
+    def hidden_width(self) -> int:
+        """The MLP width actually used."""
+        return self.hidden or default_hidden(self.dim, self.subvectors * self.latent_dim)
+
+
+def default_steps(n_train: int, batch_size: int) -> int:
+    """Minibatch steps for ``n_train`` vectors: about 30 epochs, at least 200 steps (small sets
+    still need that many to fit) and at most 3000 (≈ 13 epochs of 120k, a few minutes on 2 cores)."""
+    return int(min(3000, max(200, 30 * n_train // batch_size)))
+
+
+def default_hidden(dim: int, latent: int) -> int:
+    """MLP width for ``dim``-d embeddings and a latent of ``latent`` values: wide enough for both,
+    capped so that 120k embeddings train in minutes on 2 cores."""
+    return int(min(1024, max(64, 2 * dim, 4 * latent)))
+
+
+class ResidualMLP(nn.Module):
+    """``(n, d_in)`` → ``(n, d_out)``: a linear stem, two pre-norm residual GELU blocks, a linear head."""
+
+    def __init__(self, d_in: int, width: int, d_out: int) -> None:
+        super().__init__()
+        self.stem = nn.Linear(d_in, width)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU(), nn.Linear(width, width))
+            for _ in range(2)
+        )
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, d_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, d_in)`` → ``(n, d_out)``."""
+        h = self.stem(x)
+        for block in self.blocks:
+            h = h + block(h)
+        out: torch.Tensor = self.head(h)
+        return out
+
+
+class PQVAE(nn.Module):
+    """Encoder, one shared codebook ``(2**8, latent_dim)``, decoder."""
+
+    def __init__(self, config: PQVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        latent = config.subvectors * config.latent_dim
+        self.encoder = ResidualMLP(config.dim, config.hidden_width, latent)
+        self.decoder = ResidualMLP(latent, config.hidden_width, config.dim)
+        self.codebook = nn.Parameter(torch.randn(2**CODEBOOK_BITS, config.latent_dim) * 0.1)
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """``(n, d)`` → sub-vectors ``(n, M, latent_dim)``."""
+        return self.encoder(x).view(len(x), self.config.subvectors, self.config.latent_dim)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """Sub-vectors ``(n, M, e)`` → indices ``(n, M)`` int64 of the nearest codewords (L2)."""
+        flat = z.reshape(-1, z.shape[-1])
+        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.T + self.codebook.pow(2).sum(1)
+        return distances.argmin(1).view(z.shape[:-1])
+
+    def reconstruct(self, indices: torch.Tensor) -> torch.Tensor:
+        """Indices ``(n, M)`` → unit-norm embeddings ``(n, d)``."""
+        quantised = self.codebook[indices].reshape(len(indices), -1)
+        return F.normalize(self.decoder(quantised), dim=-1)
+
+
+class PQVAECodec(Codec):
+    """The learned PQVAE-shared codec: ``bits_per_image / 8`` codebook indices of one byte each."""
+
+    name = "pqvae"
+
+    def __init__(self, model: PQVAE) -> None:
+        super().__init__(model.config.dim, model.config.bits_per_image)
+        self.model = model.eval()
+
+    @classmethod
+    def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0, **hyper_parameters: float) -> Self:
+        """Train on ``embeddings`` ``(n, d)`` float32 (L2-normalised); ``hyper_parameters`` override
+        :class:`PQVAEConfig` fields (e.g. ``steps=500``)."""
+        x = torch.from_numpy(as_embeddings(embeddings))
+        check_bits(bits_per_image)
+        try:
+            config = PQVAEConfig(dim=x.shape[1], bits_per_image=bits_per_image, **hyper_parameters)  # type: ignore[arg-type]
+        except TypeError as error:
+            raise InvalidArgumentError(f"unknown pqvae hyper-parameter: {error}") from None
+        if not config.steps:
+            config = replace(config, steps=default_steps(len(x), min(config.batch_size, len(x))))
+        threads = torch.get_num_threads()
+        # One thread: on a shared 2-core machine torch's thread pool spins against other work (10x
+        # slower here under load), and a fixed thread count keeps training bit-reproducible.
+        torch.set_num_threads(1)
+        try:
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            model = PQVAE(config)
+            _fit(model, x, generator)
+        finally:
+            torch.set_num_threads(threads)
+        return cls(model)
+
+    @torch.inference_mode()
+    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+        """``(n, d)`` float32 → ``(n, bits/8)`` uint8 codebook indices."""
+        x = torch.from_numpy(as_embeddings(embeddings, self.dim))
+        codes = [self.model.nearest(self.model.latent(batch)) for batch in x.split(4096)]
+        if not codes:
+            return np.empty((0, self.code_size), dtype=np.uint8)
+        return torch.cat(codes).numpy().astype(np.uint8)
+
+    @torch.inference_mode()
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """``(n, bits/8)`` uint8 → ``(n, d)`` float32 unit-norm reconstructions."""
+        indices = torch.from_numpy(self.check_codes(codes).astype(np.int64))
+        parts = [self.model.reconstruct(batch) for batch in indices.split(4096)]
+        if not parts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return torch.cat(parts).numpy()
+
+    def to_bytes(self) -> bytes:
+        """safetensors weights with the :class:`PQVAEConfig` as JSON metadata."""
+        tensors = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
+        return bytes(save_safetensors(tensors, metadata={"pqvae": json.dumps(asdict(self.model.config))}))
+
+    @classmethod
+    def from_bytes(cls, state: bytes) -> Self:
+        """Inverse of :meth:`to_bytes`; raises :class:`InvalidArgumentError` on foreign bytes."""
+        try:
+            (header_size,) = struct.unpack("<Q", state[:8])
+            metadata = json.loads(state[8 : 8 + header_size])["__metadata__"]
+            config = PQVAEConfig(**json.loads(metadata["pqvae"]))
+            model = PQVAE(config)
+            model.load_state_dict(load_safetensors(state))
+        except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise InvalidArgumentError(f"not a serialised pqvae codec: {error}") from None
+        return cls(model)
+
+    def describe(self) -> str:
+        """E.g. ``pqvae 64 bits (8 x 256-word shared codebook)``."""
+        return f"{self.name} {self.bits_per_image} bits ({self.model.config.subvectors} x 256-word shared codebook)"
+
+
+def _init_codebook(model: PQVAE, x: torch.Tensor, generator: torch.Generator) -> None:
+    """k-means (FAISS, seeded) of the untrained encoder's sub-vectors → the initial codebook.
+
+    With fewer sub-vectors than codewords, the codebook takes them all (cyclically) plus a little
+    noise, so no codeword starts dead far from the data.
+    """
+    with torch.no_grad():
+        sample = x[torch.randperm(len(x), generator=generator)[:20_000]]
+        sub = model.latent(sample).reshape(-1, model.config.latent_dim).numpy()
+        k = 2**CODEBOOK_BITS
+        if len(sub) > k:
+            kmeans = faiss.Kmeans(sub.shape[1], k, niter=20, seed=int(generator.initial_seed()) % 2**31)
+            kmeans.cp.min_points_per_centroid = 1
+            kmeans.train(sub)
+            centroids = torch.from_numpy(kmeans.centroids)
+        else:
+            centroids = torch.from_numpy(sub[np.arange(k) % len(sub)])
+            centroids = centroids + 0.01 * torch.randn(centroids.shape, generator=generator)
+        model.codebook.copy_(centroids)
+
+
+def _fit(model: PQVAE, x: torch.Tensor, generator: torch.Generator) -> None:
+    """Train ``model`` on ``x`` ``(n, d)`` for ``config.steps`` minibatch steps."""
+    config = model.config
+    _init_codebook(model, x, generator)
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
+    )
+    batch_size = min(config.batch_size, len(x))
+    usage = torch.zeros(2**CODEBOOK_BITS)
+    order = torch.randperm(len(x), generator=generator)
+    cursor = 0
+    model.train()
+    for step in range(config.steps):
+        if cursor + batch_size > len(x):
+            order, cursor = torch.randperm(len(x), generator=generator), 0
+        batch = x[order[cursor : cursor + batch_size]]
+        cursor += batch_size
+
+        z = model.latent(batch)
+        indices = model.nearest(z.detach())
+        q = model.codebook[indices]
+        straight_through = z + (q - z).detach()
+        recon = F.normalize(model.decoder(straight_through.reshape(len(batch), -1)), dim=-1)
+        target = F.normalize(batch, dim=-1)
+        loss = (
+            config.cosine_weight * (1 - (recon * target).sum(1)).mean()
+            + F.mse_loss(q, z.detach())
+            + config.commitment_weight * F.mse_loss(z, q.detach())
+        )
+        if config.similarity_weight:
+            loss = loss + config.similarity_weight * F.mse_loss(recon @ target.T, target @ target.T)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+
+        usage += torch.bincount(indices.flatten(), minlength=len(usage))
+        if config.restart_every and (step + 1) % config.restart_every == 0 and step + 1 < config.steps:
+            _restart_dead_codes(model, usage, z.detach(), generator)
+            usage.zero_()
+    model.eval()
+
+
+def _restart_dead_codes(model: PQVAE, usage: torch.Tensor, z: torch.Tensor, generator: torch.Generator) -> None:
+    """Move codewords that no sub-vector chose (``usage (K,)``) onto random current sub-vectors
+    ``z (n, M, e)``: a dead codeword wastes a share of the bits."""
+    dead = (usage == 0).nonzero().flatten()
+    if not len(dead):
+        return
+    flat = z.reshape(-1, z.shape[-1])
+    picks = torch.randint(0, len(flat), (len(dead),), generator=generator)
+    with torch.no_grad():
+        model.codebook[dead] = flat[picks]
