@@ -29,6 +29,7 @@ def ingest_progress() -> Iterator[tuple[Callable[[int], None], Callable[[int], N
             progress.advance(task, count)
 
         def set_total(total: int) -> None:
-            progress.update(task, total=total)
+            # Nothing new to read (a re-run over unchanged files): no empty "0/0" bar.
+            progress.update(task, total=total, visible=total > 0)
 
         yield advance, set_total
