@@ -157,8 +157,9 @@ def augment(batch: torch.Tensor, background: float, generator: torch.Generator) 
     return torch.where(flip[:, None, None, None], shifted.flip(-1), shifted)
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
-                     logit_scale: torch.Tensor) -> torch.Tensor:
+def contrastive_loss(
+    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, logit_scale: torch.Tensor
+) -> torch.Tensor:
     """Symmetric CLIP loss over a batch, with every same-class pair counted as a positive.
 
     ``image_features, text_features (b, d)`` L2-normalised, ``labels (b,)``. With ten classes a batch
@@ -173,8 +174,14 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     return (image_to_text + text_to_image) / 2
 
 
-def train(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, caption_features: torch.Tensor,
-          caption_labels: torch.Tensor, seed: int) -> None:
+def train(
+    model: torch.nn.Module,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    caption_features: torch.Tensor,
+    caption_labels: torch.Tensor,
+    seed: int,
+) -> None:
     """Train ``model.visual`` and ``model.logit_scale`` in place; the text tower is never touched."""
     generator = torch.Generator().manual_seed(seed)
     for parameter in model.text.parameters():
@@ -200,8 +207,10 @@ def train(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, ca
             batch_labels = labels[batch]
             # One random training caption of its class per image, a fresh draw each time.
             picks = torch.stack(
-                [captions_of[int(label)][torch.randint(len(captions_of[int(label)]), (1,), generator=generator)]
-                 for label in batch_labels]
+                [
+                    captions_of[int(label)][torch.randint(len(captions_of[int(label)]), (1,), generator=generator)]
+                    for label in batch_labels
+                ]
             ).squeeze(1)
             images = augment(pixels[batch], background, generator).expand(-1, 3, -1, -1)
             image_features = F.normalize(model.encode_image(images), dim=-1)
@@ -213,12 +222,16 @@ def train(model: torch.nn.Module, pixels: torch.Tensor, labels: torch.Tensor, ca
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(float(loss.detach()))
-        print(f"epoch {epoch + 1}/{EPOCHS}: loss {np.mean(losses):.4f}, "
-              f"logit scale {model.logit_scale.exp().item():.1f}, {time.time() - started:.0f}s", flush=True)
+        print(
+            f"epoch {epoch + 1}/{EPOCHS}: loss {np.mean(losses):.4f}, "
+            f"logit scale {model.logit_scale.exp().item():.1f}, {time.time() - started:.0f}s",
+            flush=True,
+        )
 
 
-def precision_at_10(query_features: torch.Tensor, image_features: torch.Tensor, image_labels: torch.Tensor,
-                    query_labels: Sequence[int]) -> list[float]:
+def precision_at_10(
+    query_features: torch.Tensor, image_features: torch.Tensor, image_labels: torch.Tensor, query_labels: Sequence[int]
+) -> list[float]:
     """Per query, the share of its 10 nearest images (cosine) that have the query's label."""
     top = (query_features @ image_features.T).topk(10, dim=1).indices
     return [float((image_labels[row] == label).float().mean()) for row, label in zip(top, query_labels, strict=True)]
@@ -311,13 +324,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         train_pixels = preprocess_all(train_images, preprocess)
         captions, caption_labels = training_captions()
         caption_features = encode_texts(model, tokenizer, captions)
-        print(f"{len(captions)} training captions, {len(train_pixels)} training images, "
-              f"{sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M image-tower parameters", flush=True)
-        train(model, train_pixels, torch.from_numpy(train_labels), caption_features,
-              torch.from_numpy(caption_labels), args.seed)
+        print(
+            f"{len(captions)} training captions, {len(train_pixels)} training images, "
+            f"{sum(p.numel() for p in model.visual.parameters()) / 1e6:.2f} M image-tower parameters",
+            flush=True,
+        )
+        train(
+            model,
+            train_pixels,
+            torch.from_numpy(train_labels),
+            caption_features,
+            torch.from_numpy(caption_labels),
+            args.seed,
+        )
         # Only what the text package does not ship: the image tower and the logit scale.
-        state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
-                 if not name.startswith("text.")}
+        state = {
+            name: tensor.detach().contiguous()
+            for name, tensor in model.state_dict().items()
+            if not name.startswith("text.")
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         save_file(state, args.out, metadata={"arch": bundled.ARCH, "seed": str(args.seed), "epochs": str(EPOCHS)})
         print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) after {time.time() - started:.0f}s")

@@ -114,8 +114,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _print_table(results: list[QueryResult], folder: Path, console: Console) -> None:
-    table = Table("query", "expected", "P@10", "labels of the top 10", "best hit", title_justify="left",
-                  title=f"text queries over {BITS_PER_IMAGE}-bit codes (* = wording held out of training)")
+    table = Table(
+        "query",
+        "expected",
+        "P@10",
+        "labels of the top 10",
+        "best hit",
+        title_justify="left",
+        title=f"text queries over {BITS_PER_IMAGE}-bit codes (* = wording held out of training)",
+    )
     for result in results:
         counts = Counter(hit["label"] or "?" for hit in result.hits)
         summary = ", ".join(f"{name} ×{number}" for name, number in counts.most_common())
@@ -137,8 +144,7 @@ def run(args: argparse.Namespace) -> int:
     with connect(str(args.db), model=BUNDLED_MODEL, bits=BITS_PER_IMAGE, codec=CODEC) as db:
         report = db.ingest([args.dir], progress=not args.json)
         results = [
-            _query_result(query, label, held_out, db.search(query, k=TOP_K))
-            for query, label, held_out in DEMO_QUERIES
+            _query_result(query, label, held_out, db.search(query, k=TOP_K)) for query, label, held_out in DEMO_QUERIES
         ]
         stats = db.stats()
     mean_precision = sum(result.precision_at_10 for result in results) / len(results)
@@ -161,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     _print_table(results, args.dir, console)
     console.print(
         f"mean precision@10: {mean_precision:.2f} — {stats.images} images at {stats.bits_per_image} bits each "
-        f"in {stats.path}; try: semdb search \"a sneaker\" --db {args.db}",
+        f'in {stats.path}; try: semdb search "a sneaker" --db {args.db}',
         highlight=False,
     )
     return 0

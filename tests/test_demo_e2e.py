@@ -100,7 +100,11 @@ def test_demo_without_the_data_set_says_what_to_install(tmp_path: Path) -> None:
     env = {**os.environ, fashion_mnist.ENV_VAR: str(tmp_path / "nowhere")}
     result = subprocess.run(
         [sys.executable, "-m", "semdb.cli", "demo", "--count", "20"],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -180,9 +180,7 @@ def test_index_cache_is_rebuilt_when_missing_stale_or_corrupt(
     assert str((extra / "blue_new.png").resolve()) in [hit.path for hit in hits]
 
 
-def test_database_is_bound_to_its_model_and_codec(
-    tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]
-) -> None:
+def test_database_is_bound_to_its_model_and_codec(tmp_path: Path, colour_folder: tuple[Path, dict[str, str]]) -> None:
     folder, _ = colour_folder
     db_path = tmp_path / "db.semdb"
     semdb.connect(db_path, encoder=FakeEncoder(), bits=32).ingest([folder])

@@ -39,9 +39,7 @@ def codec_class(name: str) -> type[Codec]:
     try:
         target = _CODECS[name]
     except KeyError:
-        raise InvalidArgumentError(
-            f"unknown codec {name!r}; choose one of: {', '.join(list_codecs())}"
-        ) from None
+        raise InvalidArgumentError(f"unknown codec {name!r}; choose one of: {', '.join(list_codecs())}") from None
     module_name, class_name = target.split(":")
     cls: type[Codec] = getattr(importlib.import_module(module_name), class_name)
     return cls
