@@ -87,6 +87,9 @@ class OpenClipEncoder:
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = batch_size
+        size = getattr(getattr(model, "visual", None), "image_size", None)
+        # The side of the square the image tower sees (ingest decodes JPEGs no larger than needed).
+        self.image_size: int | None = int(min(size)) if isinstance(size, tuple | list) else size
         self.dim = int(self.encode_texts(["a photo"]).shape[1])
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from semdb.codecs import Codec, train_codec
 from semdb.encoder import Encoder
 from semdb.errors import ImageReadError
-from semdb.images import BadFile, FoundFile, decode_image, file_sha256, find_images, read_bytes
+from semdb.images import ORIGINAL_SIZE_KEY, BadFile, FoundFile, decode_image, file_sha256, find_images, read_bytes
 from semdb.store import (
     STATUS_INDEXED,
     STATUS_SKIPPED,
@@ -97,17 +97,17 @@ def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield chunk
 
 
-def _prepare(found: FoundFile, max_pixels: int) -> _Prepared:
+def _prepare(found: FoundFile, max_pixels: int, min_side: int | None) -> _Prepared:
     try:
         data = read_bytes(found.path)
         sha = file_sha256(data)
-        return _Prepared(found, sha, decode_image(data, max_pixels))
+        return _Prepared(found, sha, decode_image(data, max_pixels, min_side=min_side))
     except ImageReadError as error:
         return _Prepared(found, error=str(error))
 
 
-def _prepare_batch(batch: Sequence[FoundFile], max_pixels: int) -> list[_Prepared]:
-    return [_prepare(found, max_pixels) for found in batch]
+def _prepare_batch(batch: Sequence[FoundFile], max_pixels: int, min_side: int | None) -> list[_Prepared]:
+    return [_prepare(found, max_pixels, min_side) for found in batch]
 
 
 class Ingestor:
@@ -130,6 +130,10 @@ class Ingestor:
         self.batch_size = batch_size
         self.train_size = train_size
         self.max_pixels = max_pixels
+        # JPEGs can be decoded straight at a fraction of their size (DCT scaling); twice the model's
+        # input side keeps the resize that follows as sharp as from the full image.
+        input_side = getattr(encoder, "image_size", None)
+        self.min_side = 2 * input_side if isinstance(input_side, int) else None
         # Called inside every write transaction (bumps the store generation the index cache is tagged with).
         self.on_change = on_change
         self.report = IngestReport()
@@ -177,11 +181,11 @@ class Ingestor:
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="semdb-decode") as pool:
             batches = _chunks(candidates, self.batch_size)
             first = next(batches, None)
-            pending = pool.submit(_prepare_batch, first, self.max_pixels) if first else None
+            pending = pool.submit(_prepare_batch, first, self.max_pixels, self.min_side) if first else None
             while pending is not None:
                 prepared = pending.result()
                 following = next(batches, None)
-                pending = pool.submit(_prepare_batch, following, self.max_pixels) if following else None
+                pending = pool.submit(_prepare_batch, following, self.max_pixels, self.min_side) if following else None
                 self._commit_batch(prepared)
                 if progress is not None:
                     progress(len(prepared))
@@ -197,9 +201,19 @@ class Ingestor:
         self.report.seconds = time.perf_counter() - started
         return self.report
 
-    def _record_skip(self, session: Session, path: str, reason: str, found: FoundFile | None) -> None:
+    def _record_skip(
+        self,
+        session: Session,
+        path: str,
+        reason: str,
+        found: FoundFile | None,
+        records: dict[str, ImageRecord] | None = None,
+    ) -> None:
         self.report.skipped.append((path, reason))
-        record = session.scalar(select(ImageRecord).where(ImageRecord.path == path))
+        if records is not None:
+            record = records.get(path)
+        else:
+            record = session.scalar(select(ImageRecord).where(ImageRecord.path == path))
         if record is None:
             record = ImageRecord(path=path)
             session.add(record)
@@ -227,11 +241,16 @@ class Ingestor:
 
         with self.store.transaction() as session:
             content_ids = dict(existing)
-            for row, (sha, item) in enumerate(to_encode.items()):
-                assert item.image is not None and embeddings is not None
-                content = Content(sha256=sha, width=item.image.width, height=item.image.height)
-                session.add(content)
-                session.flush()
+            new_contents = {
+                sha: Content(sha256=sha, width=width, height=height)
+                for sha, item in to_encode.items()
+                if item.image is not None
+                for width, height in [item.image.info.get(ORIGINAL_SIZE_KEY, item.image.size)]
+            }
+            session.add_all(new_contents.values())
+            session.flush()  # one round trip assigns every new content its id
+            for row, (sha, content) in enumerate(new_contents.items()):
+                assert embeddings is not None
                 content_ids[sha] = content.id
                 if codes is not None:
                     session.add(
@@ -239,20 +258,32 @@ class Ingestor:
                     )
                 else:
                     session.add(StagedEmbedding(content_id=content.id, embedding=embeddings[row].tobytes()))
+            paths = [item.found.path for item in prepared]
+            records = {
+                record.path: record
+                for record in session.scalars(select(ImageRecord).where(ImageRecord.path.in_(paths)))
+            }
             for item in prepared:
                 if item.error is not None:
-                    self._record_skip(session, item.found.path, item.error, item.found)
+                    self._record_skip(session, item.found.path, item.error, item.found, records)
                     continue
                 assert item.sha256 is not None
-                self._record_image(session, item, content_ids[item.sha256], newly_encoded=item.sha256 in to_encode)
+                self._record_image(
+                    session,
+                    item,
+                    content_ids[item.sha256],
+                    newly_encoded=item.sha256 in to_encode,
+                    record=records.get(item.found.path),
+                )
             self.on_change(session)
             if self.codec_state.codec is None:
                 staged_count = session.scalar(select(func.count()).select_from(StagedEmbedding)) or 0
                 if staged_count >= self.train_size:
                     self._train_and_code_staged(session)
 
-    def _record_image(self, session: Session, item: _Prepared, content_id: int, newly_encoded: bool) -> None:
-        record = session.scalar(select(ImageRecord).where(ImageRecord.path == item.found.path))
+    def _record_image(
+        self, session: Session, item: _Prepared, content_id: int, newly_encoded: bool, record: ImageRecord | None
+    ) -> None:
         if record is None:
             record = ImageRecord(path=item.found.path)
             session.add(record)

@@ -149,3 +149,28 @@ def test_header_bombs_are_refused_before_decoding() -> None:
     # Far above PIL's limit: PIL refuses to open it at all.
     with pytest.raises(semdb.errors.ImageReadError, match="decompression bomb"):
         semdb.images.decode_image(png_header_only(100_000, 100_000), max_pixels=10**11)
+
+
+def test_jpeg_decoded_at_reduced_scale_keeps_its_original_size() -> None:
+    data = image_bytes("JPEG", size=512)
+    full = semdb.images.decode_image(data)
+    small = semdb.images.decode_image(data, min_side=64)
+    assert full.size == (512, 512)
+    assert small.size == (64, 64)  # decoded at 1/8 scale, the smallest that keeps 64 px
+    assert small.info[semdb.images.ORIGINAL_SIZE_KEY] == (512, 512)
+    png = semdb.images.decode_image(image_bytes("PNG", size=512), min_side=64)
+    assert png.size == (512, 512)  # only JPEG has DCT scaling
+
+
+def test_ingest_records_the_full_size_of_jpegs_decoded_small(tmp_path: Path) -> None:
+    import sqlite3
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "big.jpg").write_bytes(image_bytes("JPEG", size=640))
+    encoder = FakeEncoder()
+    encoder.image_size = 32  # type: ignore[attr-defined]  # as a small model would report
+    db = semdb.connect(tmp_path / "db.semdb", encoder=encoder, bits=16)
+    db.ingest([folder])
+    with sqlite3.connect(tmp_path / "db.semdb") as connection:
+        assert connection.execute("SELECT width, height FROM contents").fetchall() == [(640, 640)]
