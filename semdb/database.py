@@ -306,7 +306,7 @@ class Database:
         if cached is None and self.path is not None:
             # The cache is an optimisation: a read-only folder must not break search.
             with contextlib.suppress(OSError):
-                save_cache(self._index, cache_path(self.path))
+                save_cache(self._index, cache_path(self.path), mode=self.path.stat().st_mode & 0o666)
         return self._index
 
     def search_vectors(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:

@@ -74,8 +74,12 @@ def cache_path(database_path: Path) -> Path:
     return database_path.with_name(database_path.name + ".index")
 
 
-def save_cache(index: SearchIndex, path: Path) -> None:
-    """Write the coded part of ``index`` to ``path`` atomically (temp file + rename)."""
+def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
+    """Write the coded part of ``index`` to ``path`` atomically (temp file + rename).
+
+    ``mode``: the file's permissions; callers pass the database file's, so that whoever may read
+    the database may read its cache (a temp file would otherwise stay owner-only, 0600).
+    """
     if index.coded is None:
         path.unlink(missing_ok=True)
         return
@@ -90,6 +94,7 @@ def save_cache(index: SearchIndex, path: Path) -> None:
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(buffer.getvalue())
+        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -162,6 +162,7 @@ def test_index_cache_is_rebuilt_when_missing_stale_or_corrupt(
     expected = [hit.path for hit in db.search("blue", k=5)]
     cache = cache_path(db_path)
     assert cache.is_file()
+    assert cache.stat().st_mode & 0o777 == db_path.stat().st_mode & 0o666  # readable by whoever reads the db
 
     fresh = semdb.connect(db_path, encoder=FakeEncoder())
     assert [hit.path for hit in fresh.search("blue", k=5)] == expected  # served from the cache
