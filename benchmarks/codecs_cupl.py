@@ -18,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -102,6 +103,34 @@ def split(labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[:N_TRAIN_CLASSES]), np.sort(order[N_TRAIN_CLASSES:])
 
 
+class Protocol(NamedTuple):
+    """The paper's protocol on CuPL: train sentences, held-out test sentences, and their prompts."""
+
+    train: np.ndarray  # (n_train, d) float32, sentences of the 800 training classes
+    test: np.ndarray  # (n_test, d) float32, sentences of the held-out classes
+    test_labels: np.ndarray  # (n_test,) int, held-out classes relabelled 0..n_held_out-1
+    queries: np.ndarray  # (n_held_out, d) float32, "a photo of a {class}." per held-out class
+    query_labels: np.ndarray  # (n_held_out,) int, 0..n_held_out-1
+    n_train_classes: int
+
+
+def protocol(names: list[str], sentences: np.ndarray, labels: np.ndarray, prompts: np.ndarray) -> Protocol:
+    """Split :func:`load_cupl`'s output by :func:`split` into the arrays every CuPL benchmark uses."""
+    train_classes, test_classes = split(labels, len(names))
+    test_mask = np.isin(labels, test_classes)
+    # Relabel the held-out classes 0..n-1 so that labels index their prompts.
+    relabel = np.full(len(names), -1)
+    relabel[test_classes] = np.arange(len(test_classes))
+    return Protocol(
+        train=sentences[np.isin(labels, train_classes)],
+        test=sentences[test_mask],
+        test_labels=relabel[labels[test_mask]],
+        queries=prompts[test_classes],
+        query_labels=np.arange(len(test_classes)),
+        n_train_classes=len(train_classes),
+    )
+
+
 def main() -> None:
     """Parse arguments, load (or embed) the data, run the codecs, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,17 +146,10 @@ def main() -> None:
     names, sentences, labels, prompts = load_cupl()
     if args.embed_only:
         return
-    train_classes, test_classes = split(labels, len(names))
-    train = sentences[np.isin(labels, train_classes)]
-    test_mask = np.isin(labels, test_classes)
-    # Relabel the held-out classes 0..199 so that labels index the 200 prompts.
-    relabel = np.full(len(names), -1)
-    relabel[test_classes] = np.arange(len(test_classes))
-    test, test_labels = sentences[test_mask], relabel[labels[test_mask]]
-    queries, query_labels = prompts[test_classes], np.arange(len(test_classes))
+    train, test, test_labels, queries, query_labels, n_train_classes = protocol(names, sentences, labels, prompts)
     print(
-        f"CuPL: {len(train)} train sentences ({len(train_classes)} classes), {len(test)} test sentences "
-        f"({len(test_classes)} classes)",
+        f"CuPL: {len(train)} train sentences ({n_train_classes} classes), {len(test)} test sentences "
+        f"({len(queries)} classes)",
         file=sys.stderr,
     )
     codecs, bits = parse_codecs(args.codec), parse_bits(args.bits)

@@ -11,7 +11,7 @@ import sys
 import time
 
 import numpy as np
-from codecs_cupl import load_cupl, split
+from codecs_cupl import load_cupl, protocol
 
 from semdb.codecs.pqvae import PQVAECodec
 from semdb.evaluation import mean_average_precision, zero_shot_accuracy
@@ -24,16 +24,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=["{}"], help="JSON objects of PQVAEConfig overrides")
     args = parser.parse_args()
     names, sentences, labels, prompts = load_cupl()
-    train_classes, test_classes = split(labels, len(names))
-    relabel = np.full(len(names), -1)
-    relabel[test_classes] = np.arange(len(test_classes))
-    test_mask = np.isin(labels, test_classes)
-    train, test, test_labels = (
-        sentences[np.isin(labels, train_classes)],
-        sentences[test_mask],
-        relabel[labels[test_mask]],
-    )
-    queries, query_labels = prompts[test_classes], np.arange(len(test_classes))
+    train, test, test_labels, queries, query_labels, _ = protocol(names, sentences, labels, prompts)
     for variant in args.variants:
         overrides = json.loads(variant)
         start = time.perf_counter()

@@ -16,7 +16,7 @@ import sys
 import time
 
 import numpy as np
-from codecs_cupl import load_cupl, split
+from codecs_cupl import load_cupl, protocol
 
 from semdb.codecs.pqvae import PQVAECodec
 from semdb.evaluation import (
@@ -37,16 +37,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     names, sentences, labels, prompts = load_cupl()
-    train_classes, test_classes = split(labels, len(names))
-    relabel = np.full(len(names), -1)
-    relabel[test_classes] = np.arange(len(test_classes))
-    test_mask = np.isin(labels, test_classes)
-    train, test, test_labels = (
-        sentences[np.isin(labels, train_classes)],
-        sentences[test_mask],
-        relabel[labels[test_mask]],
-    )
-    queries, query_labels = prompts[test_classes], np.arange(len(test_classes))
+    train, test, test_labels, queries, query_labels, _ = protocol(names, sentences, labels, prompts)
     recall_queries = test[:RECALL_QUERIES]
     _, truth = _flat_index(test).search(recall_queries, RECALL_K)
     for bits in args.bits:
