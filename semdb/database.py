@@ -140,7 +140,7 @@ class Database:
                     f"database {self.location} was built with model {stored_model!r}, not {model!r}; "
                     f"omit --model or pass --model {stored_model}"
                 )
-            record = session.scalars(select(CodecRecord).order_by(CodecRecord.id.desc()).limit(1)).first()
+            record = self._latest_codec(session)
             trained = {"codec": record.name, "bits_per_image": str(record.bits_per_image)} if record else {}
             wanted = {"codec": codec, "bits_per_image": str(bits) if bits is not None else None}
             for key, value in wanted.items():
@@ -159,8 +159,9 @@ class Database:
                 session.merge(Setting(key="generation", value="0"))
 
     @staticmethod
-    def _has_codec(session: Session) -> bool:
-        return session.scalar(select(func.count()).select_from(CodecRecord)) != 0
+    def _latest_codec(session: Session) -> CodecRecord | None:
+        """The codec in use: the most recently trained one (None before training)."""
+        return session.scalars(select(CodecRecord).order_by(CodecRecord.id.desc()).limit(1)).first()
 
     @property
     def location(self) -> str:
@@ -198,7 +199,7 @@ class Database:
     def _codec_state(self) -> CodecState:
         with self.store.session() as session:
             settings = self._settings(session)
-            record = session.scalars(select(CodecRecord).order_by(CodecRecord.id.desc()).limit(1)).first()
+            record = self._latest_codec(session)
         name = settings.get("codec", DEFAULT_CODEC)
         bits = int(settings.get("bits_per_image", DEFAULT_BITS))
         if record is None:
@@ -274,18 +275,13 @@ class Database:
             tag = self._store_tag(session)
             if self._index is not None and self._index.tag == tag:
                 return self._index
-            state = self._codec_state()
             staged_rows = session.execute(
                 select(ImageRecord.id, StagedEmbedding.embedding)
                 .join(StagedEmbedding, StagedEmbedding.content_id == ImageRecord.content_id)
                 .where(ImageRecord.status == STATUS_INDEXED)
                 .order_by(ImageRecord.id)
             ).all()
-            staged_ids = np.array([row[0] for row in staged_rows], dtype=np.int64)
-            dim = int(self.setting("dim") or 0)
-            staged = np.frombuffer(b"".join(row[1] for row in staged_rows), dtype=np.float32).reshape(
-                len(staged_rows), dim
-            )
+            dim = int(self._settings(session).get("dim", 0))
             cached = load_cache(cache_path(self.path), tag) if self.path is not None else None
             if cached is None:
                 rows = session.execute(
@@ -294,14 +290,18 @@ class Database:
                     .where(ImageRecord.status == STATUS_INDEXED)
                     .order_by(ImageRecord.id)
                 ).all()
+        staged_ids = np.array([row[0] for row in staged_rows], dtype=np.int64)
+        staged = np.frombuffer(b"".join(row[1] for row in staged_rows), dtype=np.float32).reshape(len(staged_rows), dim)
         coded_index: faiss.Index | None
         if cached is not None:
             coded_index, coded_ids = cached
         else:
-            code_size = state.codec.code_size if state.codec is not None else 0
+            # Only a rebuild needs the codec itself (deserialised from the store).
+            codec = self._codec_state().codec
+            code_size = codec.code_size if codec is not None else 0
             coded_ids = np.array([row[0] for row in rows], dtype=np.int64)
             codes = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.uint8).reshape(len(rows), code_size)
-            coded_index = state.codec.search_index(codes) if state.codec is not None and len(codes) else None
+            coded_index = codec.search_index(codes) if codec is not None and len(codes) else None
         self._index = SearchIndex(tag, coded_index, coded_ids, flat_index(staged), staged_ids)
         if cached is None and self.path is not None:
             # The cache is an optimisation: a read-only folder must not break search.
@@ -362,7 +362,7 @@ class Database:
             skipped = count(select(func.count()).select_from(ImageRecord).where(ImageRecord.status == STATUS_SKIPPED))
             staged = count(select(func.count()).select_from(StagedEmbedding))
             contents = count(select(func.count()).select_from(Content))
-            record = session.scalars(select(CodecRecord).order_by(CodecRecord.id.desc()).limit(1)).first()
+            record = self._latest_codec(session)
         bits = (
             record.bits_per_image
             if record
