@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from semdb.codecs import DEFAULT_CODEC, Codec, codec_class, load_codec
 from semdb.codecs.base import check_bits
+from semdb.cosine import CosineIndex
 from semdb.encoder import DEFAULT_MODEL, Encoder, load_encoder
 from semdb.errors import DatabaseNotFoundError, InvalidArgumentError, ModelMismatchError, NotReadyError
 from semdb.images import DEFAULT_MAX_PIXELS, load_image
@@ -292,7 +292,7 @@ class Database:
                 ).all()
         staged_ids = np.array([row[0] for row in staged_rows], dtype=np.int64)
         staged = np.frombuffer(b"".join(row[1] for row in staged_rows), dtype=np.float32).reshape(len(staged_rows), dim)
-        coded_index: faiss.Index | None
+        coded_index: CosineIndex | None
         if cached is not None:
             coded_index, coded_ids = cached
         else:
@@ -301,7 +301,7 @@ class Database:
             code_size = codec.code_size if codec is not None else 0
             coded_ids = np.array([row[0] for row in rows], dtype=np.int64)
             codes = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.uint8).reshape(len(rows), code_size)
-            coded_index = codec.search_index(codes) if codec is not None and len(codes) else None
+            coded_index = codec.cosine_index(codes) if codec is not None and len(codes) else None
         self._index = SearchIndex(tag, coded_index, coded_ids, flat_index(staged), staged_ids)
         if cached is None and self.path is not None:
             # The cache is an optimisation: a read-only folder must not break search.

@@ -3,7 +3,8 @@
 For the float embeddings and for each codec × bit rate: zero-shot top-1 accuracy (each test item to
 its nearest class query), text→image mAP@100 (class queries; relevant = same class),
 image→image 10-recall@10 against the float neighbours, bits per image and bits per pixel at 224².
-Codes are searched as the database searches them (:meth:`Codec.search_index`, queries in floats).
+Codes are searched as the database searches them (:meth:`Codec.cosine_index`: queries in floats, items
+ranked by cosine to their reconstructions).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from semdb.codecs import train_codec
 from semdb.codecs.base import Codec, as_embeddings
+from semdb.cosine import CosineIndex
 from semdb.errors import InvalidArgumentError
 
 MAP_DEPTH = 100
@@ -36,7 +38,11 @@ def zero_shot_accuracy(items: np.ndarray, labels: np.ndarray, queries: np.ndarra
 
 
 def mean_average_precision(
-    index: faiss.Index, labels: np.ndarray, queries: np.ndarray, query_labels: np.ndarray, depth: int = MAP_DEPTH
+    index: faiss.Index | CosineIndex,
+    labels: np.ndarray,
+    queries: np.ndarray,
+    query_labels: np.ndarray,
+    depth: int = MAP_DEPTH,
 ) -> float:
     """mAP@``depth`` of ``queries (c, d)`` over the items of ``index`` (row i has ``labels[i]``).
 
@@ -73,6 +79,7 @@ def evaluate_codecs(
     seed: int = 0,
     on_row: Callable[[Row], None] | None = None,
     trained: Callable[[str, int], Codec] | None = None,
+    train_queries: np.ndarray | None = None,
 ) -> list[Row]:
     """Train each codec × bit rate on ``train`` and measure it on ``test``.
 
@@ -82,7 +89,9 @@ def evaluate_codecs(
     ``recall10`` (10-recall@10 of the first 2,000 test items against their float neighbours),
     ``bits_per_image``, ``bpp_224`` and ``train_seconds``. ``on_row`` sees each row as it is done;
     ``trained(name, bits)``, if given, supplies the codecs instead of training them on ``train``
-    (the transfer case).
+    (the transfer case). ``train_queries`` ``(c', d)``: sample queries of the training classes (never
+    ``queries`` themselves); given, every codec is trained query-weighted by them
+    (:mod:`semdb.codecs.query_weighted`).
     """
     test = as_embeddings(test)
     train = as_embeddings(train, test.shape[1])
@@ -122,10 +131,14 @@ def evaluate_codecs(
     for name in codecs:
         for bits_per_image in bits:
             start = time.perf_counter()
-            codec = trained(name, bits_per_image) if trained else train_codec(name, train, bits_per_image, seed)
+            codec = (
+                trained(name, bits_per_image)
+                if trained
+                else train_codec(name, train, bits_per_image, seed, queries=train_queries)
+            )
             seconds = time.perf_counter() - start
             codes = codec.encode(test)
-            index = codec.search_index(codes)
+            index = codec.cosine_index(codes)
             _, found = index.search(recall_queries, k)
             add(
                 name,

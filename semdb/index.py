@@ -17,17 +17,20 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from semdb.cosine import CosineIndex
+
 
 @dataclass
 class SearchIndex:
     """FAISS indexes over the searchable images, and the image ids of their rows.
 
-    ``coded`` searches the codes (``coded_ids``: ``(n,)`` int64 image ids); ``staged`` is an exact
-    inner-product index over float embeddings not yet coded (``staged_ids``: ``(m,)`` int64).
+    ``coded`` searches the codes by cosine to their reconstructions (``coded_ids``: ``(n,)`` int64
+    image ids); ``staged`` is an exact inner-product index over the unit-norm float embeddings not
+    yet coded (``staged_ids``: ``(m,)`` int64).
     """
 
     tag: str
-    coded: faiss.Index | None
+    coded: CosineIndex | None
     coded_ids: np.ndarray
     staged: faiss.Index | None
     staged_ids: np.ndarray
@@ -40,8 +43,8 @@ class SearchIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``queries``: ``(q, d)`` float32 → ``(scores, ids)``, both ``(q, k')`` with ``k' = min(k, size)``.
 
-        Scores are inner products (cosine for normalised queries against normalised reconstructions),
-        best first; ids are image ids.
+        Scores are cosines for unit-norm queries (to the reconstruction of a coded image, to the
+        embedding of a staged one), best first; ids are image ids.
         """
         k = min(k, self.size)
         parts_scores: list[np.ndarray] = []
@@ -87,8 +90,10 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
     np.savez(
         buffer,
         tag=np.frombuffer(index.tag.encode(), dtype=np.uint8),
-        index=faiss.serialize_index(index.coded),
+        index=faiss.serialize_index(index.coded.index),
         ids=index.coded_ids,
+        # An empty array stands for None: reconstructions already unit-norm.
+        inverse_norms=index.coded.inverse_norms if index.coded.inverse_norms is not None else np.empty(0, np.float32),
     )
     descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
@@ -101,7 +106,7 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
         raise
 
 
-def load_cache(path: Path, tag: str) -> tuple[faiss.Index, np.ndarray] | None:
+def load_cache(path: Path, tag: str) -> tuple[CosineIndex, np.ndarray] | None:
     """The cached coded index and its ids if ``path`` holds one tagged ``tag``; None otherwise.
 
     A missing, unreadable or stale cache is not an error: the caller rebuilds it.
@@ -112,8 +117,9 @@ def load_cache(path: Path, tag: str) -> tuple[faiss.Index, np.ndarray] | None:
                 return None
             index = faiss.deserialize_index(archive["index"])
             ids = archive["ids"].astype(np.int64)
+            inverse_norms = archive["inverse_norms"].astype(np.float32)
     except (OSError, ValueError, KeyError, RuntimeError):
         return None
-    if index.ntotal != len(ids):
+    if index.ntotal != len(ids) or len(inverse_norms) not in (0, len(ids)):
         return None
-    return index, ids
+    return CosineIndex(index, inverse_norms if len(inverse_norms) else None), ids

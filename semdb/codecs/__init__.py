@@ -1,7 +1,8 @@
 """Codecs: embeddings ⇄ codes of a few bytes, by name.
 
-``train_codec("pq", x, bits_per_image=64)`` trains one; ``load_codec(name, state)`` restores one
-from :meth:`Codec.to_bytes`. Codecs are imported lazily so that listing them costs nothing.
+``train_codec("pq", x, bits_per_image=64)`` trains one (``queries=`` a sample of query embeddings
+makes it query-weighted, :mod:`semdb.codecs.query_weighted`); ``load_codec(name, state)`` restores
+one from :meth:`Codec.to_bytes`. Codecs are imported lazily so that listing them costs nothing.
 """
 
 from __future__ import annotations
@@ -45,18 +46,37 @@ def codec_class(name: str) -> type[Codec]:
     return cls
 
 
-def train_codec(name: str, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Codec:
-    """Train codec ``name`` on ``embeddings`` ``(n, d)`` float32 at ``bits_per_image`` bits."""
+def train_codec(
+    name: str, embeddings: np.ndarray, bits_per_image: int, seed: int = 0, queries: np.ndarray | None = None
+) -> Codec:
+    """Train codec ``name`` on ``embeddings`` ``(n, d)`` float32 at ``bits_per_image`` bits.
+
+    ``queries``: optional ``(c, d)`` sample of query embeddings (c ≥ 2); the codec is then trained
+    in their weighted space (:class:`~semdb.codecs.query_weighted.QueryWeightedCodec`).
+    """
     check_bits(bits_per_image)
+    cls = codec_class(name)
     x = as_embeddings(embeddings)
     if len(x) == 0:
         raise InvalidArgumentError("cannot train a codec on zero embeddings")
-    return codec_class(name).train(x, bits_per_image, seed=seed)
+    if queries is None:
+        return cls.train(x, bits_per_image, seed=seed)
+    from semdb.codecs.query_weighted import QueryWeightedCodec
+
+    return QueryWeightedCodec.train(x, bits_per_image, seed=seed, base_name=name, queries=queries)
 
 
 def load_codec(name: str, state: bytes) -> Codec:
-    """Restore a codec of type ``name`` from the bytes of :meth:`Codec.to_bytes`."""
-    return codec_class(name).from_bytes(state)
+    """Restore a codec of type ``name`` from the bytes of :meth:`Codec.to_bytes` (query-weighted or not)."""
+    cls = codec_class(name)
+    from semdb.codecs.query_weighted import MAGIC, QueryWeightedCodec
+
+    if not state.startswith(MAGIC):
+        return cls.from_bytes(state)
+    codec = QueryWeightedCodec.from_bytes(state)
+    if codec.base_name != name:
+        raise InvalidArgumentError(f"the stored codec is a query-weighted {codec.base_name}, not {name}")
+    return codec
 
 
 __all__ = [

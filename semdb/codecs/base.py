@@ -13,7 +13,10 @@ from typing import ClassVar, Self
 import faiss
 import numpy as np
 
+from semdb.cosine import CosineIndex, inverse_norms
 from semdb.errors import InvalidArgumentError
+
+DECODE_CHUNK = 65_536  # codes decoded at a time when only a statistic of the reconstructions is kept
 
 
 def check_bits(bits_per_image: int) -> int:
@@ -44,6 +47,8 @@ class Codec(ABC):
     """
 
     name: ClassVar[str]
+    # Whether :meth:`decode` returns unit-norm vectors (then inner product already is cosine).
+    unit_norm_reconstructions: ClassVar[bool] = False
 
     def __init__(self, dim: int, bits_per_image: int) -> None:
         self.dim = dim
@@ -86,6 +91,16 @@ class Codec(ABC):
         if len(codes):
             index.add(self.decode(self.check_codes(codes)))
         return index
+
+    def cosine_index(self, codes: np.ndarray) -> CosineIndex:
+        """:meth:`search_index` over ``codes`` ``(n, code_size)``, ranked by cosine to the
+        reconstructions (see :mod:`semdb.cosine`); how the database and the evaluation search."""
+        index = self.search_index(codes)
+        if self.unit_norm_reconstructions:
+            return CosineIndex(index, None)
+        c = self.check_codes(codes)
+        inverse = [inverse_norms(self.decode(c[i : i + DECODE_CHUNK])) for i in range(0, len(c), DECODE_CHUNK)]
+        return CosineIndex(index, np.concatenate(inverse) if inverse else np.empty(0, dtype=np.float32))
 
     def check_codes(self, codes: np.ndarray) -> np.ndarray:
         """Return ``codes`` as a C-contiguous ``(n, code_size)`` uint8 array, checking its shape."""

@@ -145,6 +145,7 @@ class PQVAECodec(Codec):
     """The learned PQVAE-shared codec: ``bits_per_image / 8`` codebook indices of one byte each."""
 
     name = "pqvae"
+    unit_norm_reconstructions = True
 
     def __init__(self, model: PQVAE) -> None:
         super().__init__(model.config.dim, model.config.bits_per_image)

@@ -1,0 +1,103 @@
+"""Query-weighted codecs: same code sizes, bit-exact state, and less score error where queries look."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import faiss
+import numpy as np
+import pytest
+
+from semdb.codecs import load_codec, train_codec
+from semdb.codecs.query_weighted import QueryWeightedCodec, query_weights
+from semdb.errors import InvalidArgumentError
+
+DIM = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread() -> Iterator[None]:
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Items spread over all 32 dimensions; queries that share a mean and differ only in the first 4.
+
+    Returns (train items (2000, 32), test items (500, 32), training queries (40, 32), other queries (40, 32)).
+    """
+    items = unit(rng.standard_normal((2500, DIM)))
+    mean = unit(rng.standard_normal((1, DIM)))
+
+    def queries(n: int) -> np.ndarray:
+        q = np.repeat(mean, n, axis=0)
+        q[:, :4] += 0.5 * rng.standard_normal((n, 4))
+        return unit(q)
+
+    return items[:2000], items[2000:], queries(40), queries(40)
+
+
+@pytest.mark.parametrize("name", ["pq", "opq", "rq", "pqvae"])
+def test_sizes_round_trip_and_search_agree_with_decode(name: str) -> None:
+    rng = np.random.default_rng(0)
+    train, test, train_queries, queries = sample(rng)
+    codec = train_codec(name, train[:600], 32, queries=train_queries)
+    assert isinstance(codec, QueryWeightedCodec)
+    assert "query-weighted" in codec.describe()
+    codes = codec.encode(test)
+    assert codes.shape == (len(test), 4) and codes.dtype == np.uint8
+    decoded = codec.decode(codes)
+    assert decoded.shape == test.shape and decoded.dtype == np.float32
+
+    restored = load_codec(name, codec.to_bytes())
+    np.testing.assert_array_equal(restored.encode(test), codes)
+    np.testing.assert_array_equal(restored.decode(codes), decoded)
+
+    # The index scans the base codes behind a transform of the queries; its scores must be the
+    # inner products with the decoded vectors.
+    scores, rows = codec.search_index(codes).search(queries[:5], 3)
+    np.testing.assert_allclose(scores, np.take_along_axis(queries[:5] @ decoded.T, rows, axis=1), atol=2e-4)
+    cos_scores, _ = codec.cosine_index(codes).search(queries[:5], 3)
+    want = queries[:5] @ (decoded / np.linalg.norm(decoded, axis=1, keepdims=True)).T
+    np.testing.assert_allclose(cos_scores, -np.sort(-want, axis=1)[:, :3], atol=2e-4)
+
+
+def test_weighting_cuts_the_score_error_of_unseen_queries() -> None:
+    rng = np.random.default_rng(1)
+    train, test, train_queries, queries = sample(rng)
+
+    def score_error(codec_queries: np.ndarray | None) -> float:
+        codec = train_codec("pq", train, 16, queries=codec_queries)
+        decoded = codec.decode(codec.encode(test))
+        # Spread of the score errors across queries (what reorders them), queries never trained on.
+        errors = queries @ (test - decoded).T
+        return float(np.mean((errors - errors.mean(axis=0)) ** 2))
+
+    plain, weighted = score_error(None), score_error(train_queries)
+    assert weighted < 0.5 * plain
+
+
+def test_weights_and_bad_input() -> None:
+    rng = np.random.default_rng(2)
+    q = unit(rng.standard_normal((10, 8)))
+    w = query_weights(q, ridge=0.3)
+    np.testing.assert_allclose(w, w.T, atol=1e-6)
+    assert np.linalg.eigvalsh(w.astype(np.float64)).min() > 0
+    with pytest.raises(InvalidArgumentError, match="at least 2"):
+        query_weights(q[:1])
+    with pytest.raises(InvalidArgumentError, match="differ"):
+        query_weights(np.repeat(q[:1], 3, axis=0))
+    with pytest.raises(InvalidArgumentError, match="ridge"):
+        query_weights(q, ridge=0)
+    x = unit(rng.standard_normal((300, 8)))
+    codec = train_codec("pq", x, 16, queries=q)
+    with pytest.raises(InvalidArgumentError, match="query-weighted pq, not rq"):
+        load_codec("rq", codec.to_bytes())
+    with pytest.raises(InvalidArgumentError, match="query-weighted"):
+        QueryWeightedCodec.from_bytes(b"nonsense")
