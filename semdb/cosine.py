@@ -6,43 +6,71 @@ norm 0.73–0.77 ± 0.03–0.04), so ranking by inner product lets an item's rec
 reorder the results. Ranking by cosine, ``<q, x̂> / ‖x̂‖``, removes that: on CuPL it lifts PQ's
 text→image mAP@100 at 64 bits from .515 to .572 (``docs/codecs.md``).
 
-FAISS has no per-item scale in its code scanners, so :class:`CosineIndex` asks the inner-product
-index for ``k' > k`` candidates, rescales them, and proves the answer exact: an item outside the
-candidates has ``<q, x̂> ≤ s`` (the k'-th best inner product), so its cosine is at most
-``s · max(1/‖x̂‖)`` (for ``s > 0``; ``s · min(1/‖x̂‖)`` otherwise). When the k-th best rescaled
-candidate reaches that bound the top k are exact; otherwise ``k'`` grows and the query is searched
-again, up to every item.
+FAISS has no per-item scale in its code scanners, so :class:`CosineIndex` sorts the items by
+``1/‖x̂‖`` into a few parts of similar norm, each its own FAISS index. Each part is asked for a few
+more candidates than ``k``, which are rescaled and merged, and the answer is proved exact: an item
+of part ``b`` outside its candidates has ``<q, x̂> ≤ s_b`` (the part's last candidate), so its cosine
+is at most ``s_b · max_b(1/‖x̂‖)`` (``s_b · min_b(1/‖x̂‖)`` when ``s_b ≤ 0``). Within a part the norms
+hardly differ, so that bound nearly always falls below the k-th best cosine at once; a part where
+it does not is searched again deeper, up to all its items. Scanning the parts costs what scanning
+one index would (every code is scanned once) plus one distance table per part.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
-# First candidate depth: k' = max(FIRST_DEPTH_FACTOR · k, k + FIRST_DEPTH_EXTRA); it grows 8x a round.
-FIRST_DEPTH_FACTOR = 4
-FIRST_DEPTH_EXTRA = 64
-DEPTH_GROWTH = 8
+ROWS_PER_PART = 65_536  # a part per this many items (rounded up) ...
+MAX_PARTS = 16  # ... up to this many; each costs one distance table per query
+EXTRA_CANDIDATES = 32  # a part's first depth: k + this
+DEPTH_GROWTH = 8  # a part whose bound fails is searched again this many times deeper
+
+
+@dataclass
+class CosinePart:
+    """Items of similar norm: ``index`` scores ``<q, x̂>`` of its rows, which are items ``rows``
+    ``(n_b,)`` int64 of the whole; ``inverse_norms`` ``(n_b,)`` float32 ``1/‖x̂‖``, or None when the
+    reconstructions are unit-norm (inner product is cosine)."""
+
+    index: faiss.Index
+    rows: np.ndarray
+    inverse_norms: np.ndarray | None
 
 
 @dataclass
 class CosineIndex:
-    """An inner-product index over reconstructions, searched by cosine.
+    """Items coded in one or more FAISS inner-product indexes, searched by exact cosine."""
 
-    ``index`` scores ``<q, x̂_i>`` for its ``n`` rows; ``inverse_norms`` ``(n,)`` float32 holds
-    ``1 / ‖x̂_i‖``, or is None when the reconstructions are unit-norm already (inner product is
-    cosine, and search is one plain FAISS call).
-    """
+    parts: list[CosinePart]
 
-    index: faiss.Index
-    inverse_norms: np.ndarray | None
+    @classmethod
+    def build(
+        cls, codes: np.ndarray, make_index: Callable[[np.ndarray], faiss.Index], inverse_norms: np.ndarray | None
+    ) -> CosineIndex:
+        """Index ``codes`` ``(n, code_size)`` uint8 with ``make_index`` (codes → a FAISS index whose
+        row i is ``codes[i]``); ``inverse_norms`` ``(n,)``: ``1/‖x̂‖`` per item, or None when the
+        reconstructions are unit-norm (then a single part, no rescaling)."""
+        n = len(codes)
+        if inverse_norms is None:
+            return cls([CosinePart(make_index(codes), np.arange(n, dtype=np.int64), None)])
+        order = np.argsort(inverse_norms, kind="stable")
+        n_parts = max(1, min(MAX_PARTS, -(-n // ROWS_PER_PART)))
+        return cls(
+            [
+                CosinePart(make_index(codes[rows]), rows.astype(np.int64), inverse_norms[rows])
+                for rows in np.array_split(order, n_parts)
+                if len(rows)
+            ]
+        )
 
     @property
     def ntotal(self) -> int:
-        """Number of rows."""
-        return int(self.index.ntotal)
+        """Number of items."""
+        return sum(len(part.rows) for part in self.parts)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``queries`` ``(q, d)`` float32 → ``(scores, rows)``, both ``(q, min(k, n))``, best first.
@@ -50,33 +78,55 @@ class CosineIndex:
         Scores are ``<q, x̂> / ‖x̂‖`` (cosine for unit-norm queries); rows index the items.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        n = self.ntotal
-        k = min(k, n)
-        if self.inverse_norms is None or k == 0:
-            scores, rows = self.index.search(queries, k)
-            return scores, rows
-        scores = np.empty((len(queries), k), dtype=np.float32)
-        rows = np.empty((len(queries), k), dtype=np.int64)
-        pending = np.arange(len(queries))
-        depth = min(n, max(FIRST_DEPTH_FACTOR * k, k + FIRST_DEPTH_EXTRA))
-        largest, smallest = float(self.inverse_norms.max()), float(self.inverse_norms.min())
-        while len(pending):
-            inner, found = self.index.search(queries[pending], depth)
-            valid = found >= 0
-            rescaled = np.where(valid, inner * self.inverse_norms[np.maximum(found, 0)], -np.inf)
-            order = np.argsort(-rescaled, axis=1, kind="stable")[:, :k]
-            best = np.take_along_axis(rescaled, order, axis=1)
-            if depth >= n:
-                done = np.ones(len(pending), dtype=bool)
+        k = min(k, self.ntotal)
+        if k <= 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if len(self.parts) == 1 and self.parts[0].inverse_norms is None:
+            scores, found = self.parts[0].index.search(queries, k)
+            return scores, np.where(found >= 0, self.parts[0].rows[np.maximum(found, 0)], -1)
+        depths = [min(len(part.rows), k + EXTRA_CANDIDATES) for part in self.parts]
+        candidates = [self._candidates(part, queries, depth) for part, depth in zip(self.parts, depths, strict=True)]
+        while True:
+            scores, rows = _best(candidates, k)
+            kth = scores[:, -1]
+            deeper = False
+            for b, part in enumerate(self.parts):
+                if depths[b] >= len(part.rows):
+                    continue
+                if np.any(candidates[b][2] > kth):  # some query's bound beats its k-th best: not proven
+                    depths[b] = min(len(part.rows), depths[b] * DEPTH_GROWTH)
+                    candidates[b] = self._candidates(part, queries, depths[b])
+                    deeper = True
+            if not deeper:
+                return scores, rows
+
+    @staticmethod
+    def _candidates(part: CosinePart, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``part``'s best ``depth`` items per query by inner product → (cosines ``(q, depth)``, item
+        rows ``(q, depth)``, bound ``(q,)`` on the cosine of every item of the part not among them)."""
+        inner, found = part.index.search(queries, depth)
+        valid = found >= 0
+        safe = np.maximum(found, 0)
+        inverse = part.inverse_norms[safe] if part.inverse_norms is not None else np.ones_like(inner)
+        rescaled = np.where(valid, inner * inverse, -np.inf).astype(np.float32)
+        if depth >= len(part.rows):
+            bound = np.full(len(queries), -np.inf, dtype=np.float32)
+        else:
+            last = inner[:, -1]
+            if part.inverse_norms is None:
+                bound = last
             else:
-                last = inner[:, -1]  # every item outside the candidates scores at most this
+                largest, smallest = part.inverse_norms.max(), part.inverse_norms.min()
                 bound = np.where(last > 0, last * largest, last * smallest)
-                done = best[:, -1] >= bound
-            scores[pending[done]] = best[done]
-            rows[pending[done]] = np.take_along_axis(found, order, axis=1)[done]
-            pending = pending[~done]
-            depth = min(n, depth * DEPTH_GROWTH)
-        return scores, rows
+        return rescaled, np.where(valid, part.rows[safe], -1), bound
+
+
+def _best(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the parts' candidates → the ``k`` best ``(scores, rows)`` per query, best first."""
+    scores = np.concatenate([c[0] for c in candidates], axis=1)
+    rows = np.concatenate([c[1] for c in candidates], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
 def inverse_norms(reconstructions: np.ndarray) -> np.ndarray:

@@ -17,7 +17,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from semdb.cosine import CosineIndex
+from semdb.cosine import CosineIndex, CosinePart
 
 
 @dataclass
@@ -86,15 +86,21 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
     if index.coded is None:
         path.unlink(missing_ok=True)
         return
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        tag=np.frombuffer(index.tag.encode(), dtype=np.uint8),
-        index=faiss.serialize_index(index.coded.index),
-        ids=index.coded_ids,
+    parts = index.coded.parts
+    arrays: dict[str, np.ndarray] = {
+        "tag": np.frombuffer(index.tag.encode(), dtype=np.uint8),
+        "ids": index.coded_ids,
+        "part_sizes": np.array([len(part.rows) for part in parts], dtype=np.int64),
+        "part_rows": np.concatenate([part.rows for part in parts]),
         # An empty array stands for None: reconstructions already unit-norm.
-        inverse_norms=index.coded.inverse_norms if index.coded.inverse_norms is not None else np.empty(0, np.float32),
-    )
+        "inverse_norms": np.concatenate(
+            [part.inverse_norms if part.inverse_norms is not None else np.empty(0, np.float32) for part in parts]
+        ),
+    }
+    for number, part in enumerate(parts):
+        arrays[f"index_{number}"] = faiss.serialize_index(part.index)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
     descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(descriptor, "wb") as handle:
@@ -115,11 +121,17 @@ def load_cache(path: Path, tag: str) -> tuple[CosineIndex, np.ndarray] | None:
         with np.load(path, allow_pickle=False) as archive:
             if bytes(archive["tag"]).decode() != tag:
                 return None
-            index = faiss.deserialize_index(archive["index"])
             ids = archive["ids"].astype(np.int64)
+            sizes = archive["part_sizes"].astype(np.int64)
+            rows = np.split(archive["part_rows"].astype(np.int64), np.cumsum(sizes)[:-1])
             inverse_norms = archive["inverse_norms"].astype(np.float32)
+            indexes = [faiss.deserialize_index(archive[f"index_{number}"]) for number in range(len(sizes))]
     except (OSError, ValueError, KeyError, RuntimeError):
         return None
-    if index.ntotal != len(ids) or len(inverse_norms) not in (0, len(ids)):
+    if sizes.sum() != len(ids) or len(inverse_norms) not in (0, len(ids)):
         return None
-    return CosineIndex(index, inverse_norms if len(inverse_norms) else None), ids
+    if any(index.ntotal != size for index, size in zip(indexes, sizes, strict=True)):
+        return None
+    inverse = np.split(inverse_norms, np.cumsum(sizes)[:-1]) if len(inverse_norms) else [None] * len(sizes)
+    parts = [CosinePart(*part) for part in zip(indexes, rows, inverse, strict=True)]
+    return CosineIndex(parts), ids

@@ -95,12 +95,11 @@ class Codec(ABC):
     def cosine_index(self, codes: np.ndarray) -> CosineIndex:
         """:meth:`search_index` over ``codes`` ``(n, code_size)``, ranked by cosine to the
         reconstructions (see :mod:`semdb.cosine`); how the database and the evaluation search."""
-        index = self.search_index(codes)
-        if self.unit_norm_reconstructions:
-            return CosineIndex(index, None)
         c = self.check_codes(codes)
+        if self.unit_norm_reconstructions:
+            return CosineIndex.build(c, self.search_index, None)
         inverse = [inverse_norms(self.decode(c[i : i + DECODE_CHUNK])) for i in range(0, len(c), DECODE_CHUNK)]
-        return CosineIndex(index, np.concatenate(inverse) if inverse else np.empty(0, dtype=np.float32))
+        return CosineIndex.build(c, self.search_index, np.concatenate(inverse) if inverse else np.empty(0, np.float32))
 
     def check_codes(self, codes: np.ndarray) -> np.ndarray:
         """Return ``codes`` as a C-contiguous ``(n, code_size)`` uint8 array, checking its shape."""
