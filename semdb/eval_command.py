@@ -42,6 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codec", default=DEFAULT_CODECS, help=f"comma-separated codecs (default: {DEFAULT_CODECS})")
     parser.add_argument("--bits", default=DEFAULT_BITS, help=f"comma-separated bit rates (default: {DEFAULT_BITS})")
     parser.add_argument("--seed", type=int, default=0, help="codec training seed (default: 0)")
+    parser.add_argument(
+        "--query-weighted",
+        action="store_true",
+        help="train the codecs query-weighted by the class prompts of --train (needs class sub-folders there)",
+    )
     parser.add_argument("--json", action="store_true", help="print the rows as a JSON list on stdout")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the rate–accuracy curves into this image")
     parser.add_argument(
@@ -240,7 +245,15 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError("no readable images in DIR or --train")
     for bad in skipped:
         console.print(f"[yellow]skipped[/] {bad.path}: {bad.reason}", soft_wrap=True)
-    queries = _load_encoder(args.model).encode_texts([PROMPT.format(name) for name, _ in classes])
+    encoder = _load_encoder(args.model)
+    queries = encoder.encode_texts([PROMPT.format(name) for name, _ in classes])
+    train_queries = None
+    if args.query_weighted:
+        # The training set's own classes, never DIR's: the codec must not see the test queries.
+        train_classes = class_folders(train_root)
+        if len(train_classes) < 2:
+            raise InvalidArgumentError("--query-weighted needs at least 2 class sub-folders in --train")
+        train_queries = encoder.encode_texts([PROMPT.format(name) for name, _ in train_classes])
 
     rows = evaluate_codecs(
         train,
@@ -251,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
         codecs,
         bits,
         seed=args.seed,
+        train_queries=train_queries,
         on_row=lambda row: console.print(
             f"  {row['codec']} {row['bits_per_image']} bits: zero-shot {row['zero_shot']:.3f}"
         ),

@@ -66,6 +66,29 @@ def test_eval_prints_a_complete_table_and_json(
     assert [encoder.images_encoded for encoder in eval_command._encoders.values()] == [0]
 
 
+def test_query_weighted_eval_uses_the_training_classes(
+    data_sets: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    test, flat_train = data_sets
+    with pytest.raises(InvalidArgumentError, match="no class sub-folders"):
+        eval_command.run(eval_command_args([str(test), "--train", str(flat_train), "--query-weighted"]))
+    # A training set of its own three classes (the fake encoder tells only colour words apart).
+    train = tmp_path / "train_classes"
+    for number, path in enumerate(sorted(flat_train.iterdir())):
+        target = train / ["dark red", "bright green", "deep blue"][number % 3] / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    argv = ["eval", str(test), "--train", str(train), "--codec", "pq", "--bits", "8,16", "--json"]
+    assert main([*argv, "--query-weighted"]) == 0
+    weighted = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert [(row["codec"], row["bits"]) for row in weighted] == [("float", None), ("pq", 8), ("pq", 16)]
+    assert weighted[0] == plain[0]  # the float row does not depend on the codec
+    # Weighted codecs are other codecs: their codes, hence some metric, differ from the plain ones.
+    assert [row["recall10"] for row in weighted[1:]] != [row["recall10"] for row in plain[1:]]
+
+
 @pytest.mark.parametrize(
     ("extra", "error", "message"),
     [
