@@ -172,6 +172,34 @@ def test_pqvae_sizes_round_trip_and_determinism(data: tuple[np.ndarray, np.ndarr
         load_codec("pqvae", train_codec("pq", train, 32).to_bytes())
 
 
+@pytest.mark.parametrize("codebook_bits", [1, 2, 4])
+def test_pqvae_small_shared_codebooks_pack_into_exact_bytes(
+    codebook_bits: int, data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    from semdb.codecs.pqvae import PQVAECodec, pack_indices, unpack_indices
+
+    train, test = data
+    codec = PQVAECodec.train(train, 16, steps=30, codebook_bits=codebook_bits)
+    assert codec.model.config.subvectors == 16 // codebook_bits
+    assert f"x {2**codebook_bits}-word" in codec.describe()
+    codes = codec.encode(test)
+    assert codes.shape == (len(test), 2) and codes.dtype == np.uint8
+    indices = unpack_indices(codes, codebook_bits)
+    assert indices.shape == (len(test), 16 // codebook_bits) and indices.max() < 2**codebook_bits
+    assert np.array_equal(pack_indices(indices, codebook_bits), codes)
+    restored = load_codec("pqvae", codec.to_bytes())
+    assert np.array_equal(restored.decode(codes), codec.decode(codes))
+    # Every index position can be told apart: the packed codes of the test set are not all alike.
+    assert len(np.unique(codes, axis=0)) > 1
+
+
+def test_pqvae_rejects_codebooks_that_do_not_pack(data: tuple[np.ndarray, np.ndarray]) -> None:
+    from semdb.codecs.pqvae import PQVAECodec
+
+    with pytest.raises(InvalidArgumentError, match="codebook_bits must be one of"):
+        PQVAECodec.train(data[0], 24, steps=1, codebook_bits=3)
+
+
 def test_pqvae_training_beats_its_random_initialisation(data: tuple[np.ndarray, np.ndarray]) -> None:
     from semdb.codecs.pqvae import PQVAECodec
 

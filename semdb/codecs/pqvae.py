@@ -47,7 +47,8 @@ from torch.nn import functional as F
 from semdb.codecs.base import Codec, as_embeddings, check_bits
 from semdb.errors import InvalidArgumentError
 
-CODEBOOK_BITS = 8  # one byte per sub-vector: any multiple of 8 bits is a whole number of them
+CODEBOOK_BITS = 8  # default bits per sub-vector: one byte each, so any multiple of 8 bits fits
+PACKABLE_CODEBOOK_BITS = (1, 2, 4, 8)  # divisors of 8: indices pack into whole bytes
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class PQVAEConfig:
     dim: int
     bits_per_image: int
     latent_dim: int = 16
+    codebook_bits: int = CODEBOOK_BITS  # the shared codebook has 2**codebook_bits entries
     hidden: int = 0  # 0: chosen from dim and the latent size, see :func:`default_hidden`
     steps: int = 0  # 0: chosen from the training set size, see :func:`default_steps`
     batch_size: int = 512
@@ -76,7 +78,12 @@ class PQVAEConfig:
     @property
     def subvectors(self) -> int:
         """``M``: sub-vectors (= code bytes) per embedding."""
-        return self.bits_per_image // CODEBOOK_BITS
+        return self.bits_per_image // self.codebook_bits
+
+    @property
+    def codebook_size(self) -> int:
+        """Entries of the shared codebook."""
+        return int(2**self.codebook_bits)
 
     @property
     def hidden_width(self) -> int:
@@ -123,7 +130,7 @@ class PQVAE(nn.Module):
         latent = config.subvectors * config.latent_dim
         self.encoder = ResidualMLP(config.dim, config.hidden_width, latent)
         self.decoder = ResidualMLP(latent, config.hidden_width, config.dim)
-        self.codebook = nn.Parameter(torch.randn(2**CODEBOOK_BITS, config.latent_dim) * 0.1)
+        self.codebook = nn.Parameter(torch.randn(config.codebook_size, config.latent_dim) * 0.1)
 
     def latent(self, x: torch.Tensor) -> torch.Tensor:
         """``(n, d)`` → sub-vectors ``(n, M, latent_dim)``."""
@@ -161,6 +168,11 @@ class PQVAECodec(Codec):
             config = PQVAEConfig(dim=x.shape[1], bits_per_image=bits_per_image, **hyper_parameters)  # type: ignore[arg-type]
         except TypeError as error:
             raise InvalidArgumentError(f"unknown pqvae hyper-parameter: {error}") from None
+        if config.codebook_bits not in PACKABLE_CODEBOOK_BITS:
+            raise InvalidArgumentError(
+                f"pqvae codebook_bits must be one of {PACKABLE_CODEBOOK_BITS} (indices pack into whole bytes), "
+                f"got {config.codebook_bits}"
+            )
         if not config.steps:
             config = replace(config, steps=default_steps(len(x), min(config.batch_size, len(x))))
         threads = torch.get_num_threads()
@@ -183,12 +195,12 @@ class PQVAECodec(Codec):
         codes = [self.model.nearest(self.model.latent(batch)) for batch in x.split(4096)]
         if not codes:
             return np.empty((0, self.code_size), dtype=np.uint8)
-        return torch.cat(codes).numpy().astype(np.uint8)
+        return pack_indices(torch.cat(codes).numpy(), self.model.config.codebook_bits)
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """``(n, bits/8)`` uint8 → ``(n, d)`` float32 unit-norm reconstructions."""
-        indices = torch.from_numpy(self.check_codes(codes).astype(np.int64))
+        indices = torch.from_numpy(unpack_indices(self.check_codes(codes), self.model.config.codebook_bits))
         parts = [self.model.reconstruct(batch) for batch in indices.split(4096)]
         if not parts:
             return np.empty((0, self.dim), dtype=np.float32)
@@ -214,7 +226,27 @@ class PQVAECodec(Codec):
 
     def describe(self) -> str:
         """E.g. ``pqvae 64 bits (8 x 256-word shared codebook)``."""
-        return f"{self.name} {self.bits_per_image} bits ({self.model.config.subvectors} x 256-word shared codebook)"
+        config = self.model.config
+        layout = f"{config.subvectors} x {config.codebook_size}-word shared codebook"
+        return f"{self.name} {self.bits_per_image} bits ({layout})"
+
+
+def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
+    """Codebook indices ``(n, M)`` of ``bits`` ∈ {1, 2, 4, 8} bits each → ``(n, M · bits / 8)``
+    uint8, first index in the most significant bits of its byte."""
+    per_byte = 8 // bits
+    grouped = indices.astype(np.uint8).reshape(len(indices), -1, per_byte)
+    shifts = (np.arange(per_byte - 1, -1, -1) * bits).astype(np.uint8)
+    packed: np.ndarray = np.bitwise_or.reduce(grouped << shifts, axis=2).astype(np.uint8)
+    return packed
+
+
+def unpack_indices(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack_indices`: ``(n, B)`` uint8 → ``(n, B · 8 / bits)`` int64."""
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte - 1, -1, -1) * bits).astype(np.uint8)
+    mask = np.uint8(2**bits - 1)
+    return ((codes[:, :, None] >> shifts) & mask).reshape(len(codes), -1).astype(np.int64)
 
 
 def _init_codebook(model: PQVAE, x: torch.Tensor, generator: torch.Generator) -> None:
@@ -226,7 +258,7 @@ def _init_codebook(model: PQVAE, x: torch.Tensor, generator: torch.Generator) ->
     with torch.no_grad():
         sample = x[torch.randperm(len(x), generator=generator)[:20_000]]
         sub = model.latent(sample).reshape(-1, model.config.latent_dim).numpy()
-        k = 2**CODEBOOK_BITS
+        k = model.config.codebook_size
         if len(sub) > k:
             kmeans = faiss.Kmeans(sub.shape[1], k, niter=20, seed=int(generator.initial_seed()) % 2**31)
             kmeans.cp.min_points_per_centroid = 1
@@ -280,7 +312,7 @@ def _fit(model: PQVAE, x: torch.Tensor, generator: torch.Generator) -> None:
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
     )
     batch_size = min(config.batch_size, len(x))
-    usage = torch.zeros(2**CODEBOOK_BITS)
+    usage = torch.zeros(config.codebook_size)
     order = torch.randperm(len(x), generator=generator)
     cursor = 0
     model.train()
