@@ -24,9 +24,12 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-ROWS_PER_PART = 65_536  # a part per this many items (rounded up) ...
-MAX_PARTS = 16  # ... up to this many; each costs one distance table per query
-EXTRA_CANDIDATES = 32  # a part's first depth: k + this
+# Parts: one per ROWS_PER_PART items (rounded up), at most MAX_PARTS. Each part costs a FAISS call
+# and a distance table per query (about 0.2 ms here), too few parts cost deeper re-searches: at 1M
+# items, 16 parts took 12.3 ms a query, 8 parts 9.6 ms, 4 parts 14.2 ms (plain IndexPQ: 8.3 ms).
+ROWS_PER_PART = 32_768
+MAX_PARTS = 8
+EXTRA_CANDIDATES = 64  # a part's first depth: k + this
 DEPTH_GROWTH = 8  # a part whose bound fails is searched again this many times deeper
 
 
