@@ -218,3 +218,26 @@ def test_search_results_are_plain_dataclasses(tmp_path: Path, colour_folder: tup
     hit = db.search("red", k=1)[0]
     assert set(hit.to_dict()) == {"id", "path", "score"}
     assert isinstance(hit.score, float) and np.isfinite(hit.score)
+
+
+def test_search_ranks_coded_images_by_cosine_to_their_reconstructions(tmp_path: Path) -> None:
+    folder = tmp_path / "many"
+    write_colour_images(folder, per_colour=12)
+    db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=8)
+    db.ingest([folder], batch_size=8, train_size=16)  # a codec trained on 16 images codes the other 44 coarsely
+    codec = db._codec_state().codec
+    assert codec is not None
+    with sqlite3.connect(tmp_path / "db.semdb") as connection:
+        rows = connection.execute(
+            "SELECT images.path, codes.code FROM images JOIN codes ON codes.content_id = images.content_id"
+        ).fetchall()
+    decoded = codec.decode(np.frombuffer(b"".join(code for _, code in rows), np.uint8).reshape(len(rows), -1))
+    paths = [path for path, _ in rows]
+    # Reconstruction norms differ, so inner product and cosine would rank differently.
+    assert np.ptp(np.linalg.norm(decoded, axis=1)) > 0.01
+    query = FakeEncoder().encode_texts(["a purple thing"])
+    cosine = (decoded @ query[0]) / np.linalg.norm(decoded, axis=1)
+    hits = db.search_vectors(query, k=len(paths))[0]
+    np.testing.assert_allclose([hit.score for hit in hits], np.sort(cosine)[::-1], rtol=1e-4, atol=1e-5)
+    by_path = dict(zip(paths, cosine, strict=True))
+    np.testing.assert_allclose([by_path[hit.path] for hit in hits], [hit.score for hit in hits], rtol=1e-4, atol=1e-5)
