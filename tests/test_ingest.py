@@ -222,9 +222,10 @@ def test_search_results_are_plain_dataclasses(tmp_path: Path, colour_folder: tup
 
 def test_search_ranks_coded_images_by_cosine_to_their_reconstructions(tmp_path: Path) -> None:
     folder = tmp_path / "many"
-    write_colour_images(folder, per_colour=12)
+    write_colour_images(folder, per_colour=16)
     db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=8)
-    db.ingest([folder], batch_size=8, train_size=16)  # a codec trained on 16 images codes the other 44 coarsely
+    # 2 x 16 k-means centroids of 64 images: centroids are averages, shorter than the embeddings.
+    db.ingest([folder], batch_size=16, train_size=64)
     codec = db._codec_state().codec
     assert codec is not None
     with sqlite3.connect(tmp_path / "db.semdb") as connection:
