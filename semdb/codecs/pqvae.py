@@ -4,7 +4,7 @@ An MLP encoder lifts a ``(d,)`` embedding to a latent of ``M`` sub-vectors of ``
 every sub-vector is replaced by its nearest entry of ONE codebook of ``2**b`` entries shared by all
 sub-vectors (straight-through gradient), and an MLP decoder maps the quantised latent back to the
 embedding space. A code is the ``M = bits_per_image / b`` codebook indices of ``b`` bits each
-(``codebook_bits``: 2 up to 64 bits per image, then 4, then 8; see :func:`default_codebook_bits`),
+(``codebook_bits``: 2 up to 64 bits per image, else 8; see :func:`default_codebook_bits`),
 packed into exactly ``bits_per_image / 8`` bytes.
 
 Loss, as in the paper: ``10·(1 − cos(x̂, x)) + ‖sg(z) − q‖² + 0.25·‖z − sg(q)‖²``, plus one measured
@@ -101,17 +101,14 @@ def default_steps(n_train: int, batch_size: int) -> int:
 
 
 def default_codebook_bits(bits_per_image: int) -> int:
-    """Bits per sub-vector: the smallest of 2, 4, 8 that keeps at most 32 sub-vectors.
+    """Bits per sub-vector: 2 (a 4-word shared codebook) up to 64 bits per image, else 8.
 
     Small shared codebooks with many sub-vectors are the paper's setting (n_e = 4 by default).
-    Measured on CuPL (3000 steps, 8-bit codebooks → this rule): zero-shot .542 → .633 and mAP@100
-    .385 → .461 at 32 bits (16 x 4 words), .804 → .832 and .569 → .613 at 64 bits (32 x 4 words);
-    at 128 bits 64 x 4 words lost .006 / .015 to 16 x 256, hence the cap of 32 sub-vectors.
+    Measured on CuPL (3000 steps; ``docs/codecs.md``), zero-shot / mAP@100 with 2-, 4- and 8-bit words:
+    32 bits .633 / .461, .618 / .437, .542 / .385; 64 bits .832 / .613, .803 / .574, .804 / .569;
+    128 bits .920 / .733, .913 / .718, .926 / .748 — so 8-bit words from 128 bits on.
     """
-    for bits in (2, 4):
-        if bits_per_image // bits <= 32:
-            return bits
-    return CODEBOOK_BITS
+    return 2 if bits_per_image <= 64 else CODEBOOK_BITS
 
 
 def default_hidden(dim: int, latent: int) -> int:
