@@ -21,6 +21,7 @@ def main() -> None:
     """Train one PQVAE per variant (JSON hyper-parameter overrides) and print one line each."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     parser.add_argument("--variants", nargs="+", default=["{}"], help="JSON objects of PQVAEConfig overrides")
     args = parser.parse_args()
     names, sentences, labels, prompts = load_cupl()
@@ -28,15 +29,16 @@ def main() -> None:
     for variant in args.variants:
         overrides = json.loads(variant)
         start = time.perf_counter()
-        codec = PQVAECodec.train(train, args.bits, **overrides)
+        codec = PQVAECodec.train(train, args.bits, seed=args.seed, **overrides)
         seconds = time.perf_counter() - start
         codes = codec.encode(test)
         decoded = codec.decode(codes)
         zs = zero_shot_accuracy(decoded, test_labels, queries, query_labels)
-        ap = mean_average_precision(codec.search_index(codes), test_labels, queries, query_labels)
+        ap = mean_average_precision(codec.cosine_index(codes), test_labels, queries, query_labels)
         cosine = float(np.mean(np.sum(decoded * test, axis=1)))
         print(
-            f"{args.bits} bits {variant}: zero-shot {zs:.3f} mAP@100 {ap:.3f} cosine {cosine:.3f} train {seconds:.0f}s"
+            f"{args.bits} bits seed {args.seed} {variant}: zero-shot {zs:.3f} mAP@100 {ap:.3f} "
+            f"cosine {cosine:.3f} train {seconds:.0f}s"
         )
         sys.stdout.flush()
 
