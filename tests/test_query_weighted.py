@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import faiss
 import numpy as np
 import pytest
 
@@ -13,14 +10,6 @@ from semdb.codecs.query_weighted import QueryWeightedCodec, query_weights
 from semdb.errors import InvalidArgumentError
 
 DIM = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread() -> Iterator[None]:
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
