@@ -14,10 +14,13 @@ Decoding maps back, ``x̂ = W⁻¹ x̂'``, and search maps the query instead of 
 ``⟨q, W⁻¹ x̂'⟩ = ⟨W⁻¹ q, x̂'⟩``, so the index still scans the base codec's codes.
 
 The queries need not be the ones the database will be asked; a sample of the same kind is enough
-(e.g. ``"a photo of a {class}."`` for classes other than those searched). Measured on CuPL (RQ,
-trained on 800 classes' sentences and those classes' prompts, tested on 198 other classes,
-``docs/codecs.md``): zero-shot .671 → .699 and mAP@100 .491 → .570 at 32 bits, .862 → .873 and
-.679 → .717 at 64 bits, with ``ρ = 0.3`` (ρ = 0.03–1 all gained; 0.3 was best or near-best).
+(e.g. ``"a photo of a {class}."`` for classes other than those searched). Measured on CuPL (codecs
+trained on 800 classes' sentences and weighted by those classes' prompts, tested on 198 other
+classes; ``docs/codecs.md`` §0): RQ mAP@100 .494 → .566 / .681 → .709 / .824 → .843 at 32 / 64 / 128
+bits, zero-shot .664 → .694 at 32 bits and within .004 at 64 and 128; OPQ gains too. It costs
+item→item recall (RQ 10-recall@10 .507 → .358 at 32 bits), and it breaks PQ, whose large errors in
+the directions queries ignore are amplified by ``W⁻¹``: use it with ``rq`` or ``opq``. ``ρ = 0.3``
+was the best or near-best of 0.03–1 in a sweep on RQ at 32 and 64 bits.
 """
 
 from __future__ import annotations
