@@ -43,6 +43,12 @@ class CosinePart:
     rows: np.ndarray
     inverse_norms: np.ndarray | None
 
+    def __post_init__(self) -> None:
+        # The bound's factors, once per part rather than once per search (a scan of n_b floats each).
+        norms = self.inverse_norms
+        self.largest = float(norms.max()) if norms is not None and len(norms) else 1.0
+        self.smallest = float(norms.min()) if norms is not None and len(norms) else 1.0
+
 
 @dataclass
 class CosineIndex:
@@ -116,11 +122,7 @@ class CosineIndex:
             bound = np.full(len(queries), -np.inf, dtype=np.float32)
         else:
             last = inner[:, -1]
-            if part.inverse_norms is None:
-                bound = last
-            else:
-                largest, smallest = part.inverse_norms.max(), part.inverse_norms.min()
-                bound = np.where(last > 0, last * largest, last * smallest)
+            bound = np.where(last > 0, last * part.largest, last * part.smallest)
         return rescaled, np.where(valid, part.rows[safe], -1), bound
 
 

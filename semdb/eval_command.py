@@ -146,6 +146,12 @@ def embed_files(
     return embeddings, kept_array
 
 
+def _class_queries(encoder: Any, classes: list[tuple[str, Path]]) -> np.ndarray:
+    """The class prompts of ``classes`` (from :func:`class_folders`) embedded → ``(c, d)`` float32."""
+    queries: np.ndarray = encoder.encode_texts([PROMPT.format(name) for name, _ in classes])
+    return queries
+
+
 _encoders: dict[str, Any] = {}
 
 
@@ -246,14 +252,14 @@ def run(args: argparse.Namespace) -> int:
     for bad in skipped:
         console.print(f"[yellow]skipped[/] {bad.path}: {bad.reason}", soft_wrap=True)
     encoder = _load_encoder(args.model)
-    queries = encoder.encode_texts([PROMPT.format(name) for name, _ in classes])
+    queries = _class_queries(encoder, classes)
     train_queries = None
     if args.query_weighted:
         # The training set's own classes, never DIR's: the codec must not see the test queries.
         train_classes = class_folders(train_root)
         if len(train_classes) < 2:
             raise InvalidArgumentError("--query-weighted needs at least 2 class sub-folders in --train")
-        train_queries = encoder.encode_texts([PROMPT.format(name) for name, _ in train_classes])
+        train_queries = _class_queries(encoder, train_classes)
 
     rows = evaluate_codecs(
         train,

@@ -20,6 +20,7 @@ from semdb.codecs import train_codec
 from semdb.codecs.base import Codec, as_embeddings
 from semdb.cosine import CosineIndex
 from semdb.errors import InvalidArgumentError
+from semdb.index import flat_index
 
 MAP_DEPTH = 100
 RECALL_K = 10
@@ -62,12 +63,6 @@ def recall_at_k(truth: np.ndarray, found: np.ndarray) -> float:
     return float(np.sum(hits) / truth.size)
 
 
-def _flat_index(x: np.ndarray) -> faiss.Index:
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    return index
-
-
 def evaluate_codecs(
     train: np.ndarray,
     test: np.ndarray,
@@ -105,9 +100,11 @@ def evaluate_codecs(
 
     recall_queries = test[:RECALL_QUERIES]
     k = min(RECALL_K, len(test))
-    _, truth = _flat_index(test).search(recall_queries, k)
+    exact = flat_index(test)
+    assert exact is not None  # test is not empty (checked above)
+    _, truth = exact.search(recall_queries, k)
     float_zs = zero_shot_accuracy(test, test_labels, queries, query_labels)
-    float_map = mean_average_precision(_flat_index(test), test_labels, queries, query_labels)
+    float_map = mean_average_precision(exact, test_labels, queries, query_labels)
     rows: list[Row] = []
 
     def add(codec: str, bits_per_image: int | None, zs: float, ap: float, recall: float, seconds: float) -> None:

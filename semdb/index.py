@@ -123,7 +123,8 @@ def load_cache(path: Path, tag: str) -> tuple[CosineIndex, np.ndarray] | None:
                 return None
             ids = archive["ids"].astype(np.int64)
             sizes = archive["part_sizes"].astype(np.int64)
-            rows = np.split(archive["part_rows"].astype(np.int64), np.cumsum(sizes)[:-1])
+            starts = np.cumsum(sizes)[:-1]
+            rows = np.split(archive["part_rows"].astype(np.int64), starts)
             inverse_norms = archive["inverse_norms"].astype(np.float32)
             indexes = [faiss.deserialize_index(archive[f"index_{number}"]) for number in range(len(sizes))]
     except (OSError, ValueError, KeyError, RuntimeError):
@@ -132,6 +133,6 @@ def load_cache(path: Path, tag: str) -> tuple[CosineIndex, np.ndarray] | None:
         return None
     if any(index.ntotal != size for index, size in zip(indexes, sizes, strict=True)):
         return None
-    inverse = np.split(inverse_norms, np.cumsum(sizes)[:-1]) if len(inverse_norms) else [None] * len(sizes)
+    inverse = np.split(inverse_norms, starts) if len(inverse_norms) else [None] * len(sizes)
     parts = [CosinePart(*part) for part in zip(indexes, rows, inverse, strict=True)]
     return CosineIndex(parts), ids

@@ -16,7 +16,7 @@ Anchor similarity distillation (``anchors``): ``K`` = 512 unit-norm k-means cent
 training set (FAISS, seeded; fixed during training, not stored) stand in for the queries a database
 will see, and ``KL(softmax(A·x/τ) ‖ softmax(A·x̂/τ))`` at τ = 0.1 asks x̂ to rank them as x does.
 It needs no queries, so ``semdb ingest`` trains with it too. Measured on CuPL at 3000 steps
-(``benchmarks/pqvae_anchor.py``, vs ``anchors=0``): zero-shot +.034 / +.008–.015 / +.002 and
+(``benchmarks/pqvae_ablation.py``, vs ``anchors=0``): zero-shot +.034 / +.008–.015 / +.002 and
 mAP@100 +.026 / +.012–.013 / +.008 at 32 / 64 (two seeds) / 128 bits, 10-recall@10 −.04 to +.00;
 an MSE on the raw anchor scores (weight 100 or 1000), or the KL at weight 3–10, hurt all three.
 
@@ -275,10 +275,7 @@ def _init_codebook(model: PQVAE, x: torch.Tensor, generator: torch.Generator) ->
         sub = model.latent(sample).reshape(-1, model.config.latent_dim).numpy()
         k = model.config.codebook_size
         if len(sub) > k:
-            kmeans = faiss.Kmeans(sub.shape[1], k, niter=20, seed=int(generator.initial_seed()) % 2**31)
-            kmeans.cp.min_points_per_centroid = 1
-            kmeans.train(sub)
-            centroids = torch.from_numpy(kmeans.centroids)
+            centroids = _kmeans(sub, k, generator)
         else:
             centroids = torch.from_numpy(sub[np.arange(k) % len(sub)])
             centroids = centroids + 0.01 * torch.randn(centroids.shape, generator=generator)
@@ -292,10 +289,16 @@ def _anchor_points(x: torch.Tensor, count: int, generator: torch.Generator) -> t
     sample = x[torch.randperm(len(x), generator=generator)[: 64 * count]].numpy()
     if count == len(sample):
         return F.normalize(torch.from_numpy(sample), dim=-1)
-    kmeans = faiss.Kmeans(sample.shape[1], count, niter=20, seed=int(generator.initial_seed()) % 2**31)
+    return F.normalize(_kmeans(sample, count, generator), dim=-1)
+
+
+def _kmeans(points: np.ndarray, k: int, generator: torch.Generator) -> torch.Tensor:
+    """``k`` centroids ``(k, e)`` of ``points`` ``(n, e)`` float32, ``n > k``: FAISS k-means, 20
+    iterations, seeded from ``generator``, allowed to run with few points per centroid."""
+    kmeans = faiss.Kmeans(points.shape[1], k, niter=20, seed=int(generator.initial_seed()) % 2**31)
     kmeans.cp.min_points_per_centroid = 1
-    kmeans.train(sample)
-    return F.normalize(torch.from_numpy(kmeans.centroids), dim=-1)
+    kmeans.train(points)
+    return torch.from_numpy(kmeans.centroids)
 
 
 def _anchor_loss(config: PQVAEConfig, anchors: torch.Tensor, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
