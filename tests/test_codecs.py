@@ -10,9 +10,10 @@ import pytest
 
 from semdb.codecs import list_codecs, load_codec, train_codec
 from semdb.codecs.faiss_codecs import choose_layout
+from semdb.codecs.pcapq import pcapq_layout, principal_basis
 from semdb.errors import InvalidArgumentError
 
-FAISS_CODECS = ["pq", "opq", "rq"]
+FAISS_CODECS = ["pq", "opq", "rq", "pcapq"]
 ALL_BITS = [8, 16, 32, 64, 128, 256]
 DIM = 32
 
@@ -41,7 +42,7 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_registry_lists_the_codecs() -> None:
-    assert list_codecs() == ["opq", "pq", "pqvae", "rq"]
+    assert list_codecs() == ["opq", "pcapq", "pq", "pqvae", "rq"]
 
 
 # RQ trains one k-means per 8 bits with a beam search in between: 128 and 256 bits take tens of
@@ -144,6 +145,28 @@ def test_foreign_state_is_rejected(name: str, data: tuple[np.ndarray, np.ndarray
         load_codec(name, train_codec(other, data[0], 32).to_bytes())
     with pytest.raises(InvalidArgumentError):
         load_codec(name, b"not a codec")
+
+
+def test_pcapq_layout_spreads_half_a_bit_over_each_kept_dimension() -> None:
+    assert pcapq_layout(384, 64) == (128, 16, 4)  # 16 sub-vectors of 8 dims, 16 words each
+    assert pcapq_layout(384, 256) == (384, 64, 4)  # every dimension kept, 6 per sub-vector
+    assert pcapq_layout(16, 128) == (16, 16, 8)  # 4-bit words would need 32 sub-vectors of 16 dims
+    with pytest.raises(InvalidArgumentError, match="no pcapq layout"):
+        pcapq_layout(2, 128)
+
+
+def test_principal_basis_is_orthonormal_and_starts_with_the_mean_direction(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    train, _ = data
+    basis = principal_basis(train, 12)
+    assert basis.shape == (12, DIM) and basis.dtype == np.float32
+    np.testing.assert_allclose(basis @ basis.T, np.eye(12), atol=1e-5)
+    mean = train.mean(axis=0)
+    np.testing.assert_allclose(basis[0], mean / np.linalg.norm(mean), atol=1e-5)
+    # The other axes come by decreasing variance.
+    spread = ((train - mean) @ basis[1:].T).var(axis=0)
+    assert (np.diff(spread) <= 1e-6).all()
 
 
 def test_wrong_shapes_are_rejected(data: tuple[np.ndarray, np.ndarray]) -> None:

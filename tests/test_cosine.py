@@ -73,7 +73,7 @@ def test_negative_scores_and_k_beyond_n() -> None:
     assert (np.sort(rows, axis=1) == np.arange(50)).all()
 
 
-@pytest.mark.parametrize("name", ["pq", "opq", "rq"])
+@pytest.mark.parametrize("name", ["pq", "opq", "rq", "pcapq"])
 def test_codec_cosine_index_ranks_by_cosine_to_reconstructions(name: str) -> None:
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3000, 32)).astype(np.float32)

@@ -32,7 +32,7 @@ def sample(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return items[:2000], items[2000:], queries(40), queries(40)
 
 
-@pytest.mark.parametrize("name", ["pq", "opq", "rq", "pqvae"])
+@pytest.mark.parametrize("name", ["pq", "opq", "rq", "pcapq", "pqvae"])
 def test_sizes_round_trip_and_search_agree_with_decode(name: str) -> None:
     rng = np.random.default_rng(0)
     train, test, train_queries, queries = sample(rng)

@@ -16,6 +16,7 @@ from semdb.errors import InvalidArgumentError
 
 # name -> "module:ClassName"; extend with register_codec().
 _CODECS: dict[str, str] = {
+    "pcapq": "semdb.codecs.pcapq:PCAPQCodec",
     "pq": "semdb.codecs.faiss_codecs:PQCodec",
     "opq": "semdb.codecs.faiss_codecs:OPQCodec",
     "rq": "semdb.codecs.faiss_codecs:RQCodec",
