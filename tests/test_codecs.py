@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import faiss
 import numpy as np
 import pytest
+import torch
 
 from semdb.codecs import list_codecs, load_codec, train_codec
 from semdb.codecs.faiss_codecs import choose_layout
@@ -42,7 +43,7 @@ def data() -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_registry_lists_the_codecs() -> None:
-    assert list_codecs() == ["opq", "pcapq", "pq", "pqvae", "rq"]
+    assert list_codecs() == ["opq", "pcapq", "pq", "pqvae", "pqvae-pca", "rq"]
 
 
 # RQ trains one k-means per 8 bits with a beam search in between: 128 and 256 bits take tens of
@@ -240,3 +241,42 @@ def test_pqvae_works_on_one_vector() -> None:
     x = unit_rows(np.random.default_rng(0), 1)
     codec = train_codec("pqvae", x, 16)
     assert codec.encode(x).shape == (1, 2)
+
+
+def test_pqvae_pca_is_a_closed_form_shared_codebook_over_principal_axes(data: tuple[np.ndarray, np.ndarray]) -> None:
+    from semdb.codecs.pqvae import PrincipalPQVAECodec
+
+    train, test = data
+    codec = train_codec("pqvae-pca", train, 32)
+    assert isinstance(codec, PrincipalPQVAECodec)
+    config = codec.model.config
+    assert (config.encoder, config.subvectors, config.latent_dim, config.codebook_size) == ("principal", 8, 4, 16)
+    codes = codec.encode(test)
+    assert codes.shape == (len(test), 4) and codes.dtype == np.uint8
+    assert train_codec("pqvae-pca", train, 32).to_bytes() == codec.to_bytes()  # deterministic
+    restored = load_codec("pqvae-pca", codec.to_bytes())
+    assert np.array_equal(restored.encode(test), codes)
+    assert np.array_equal(restored.decode(codes), codec.decode(codes))
+
+    # The decoder inverts the encoder on the kept axes: a latent that is not quantised comes back as
+    # the embedding's projection on the first 32 principal axes (here all of them).
+    with torch.no_grad():
+        x = torch.from_numpy(test)
+        back = torch.nn.functional.normalize(codec.model.decoder(codec.model.encoder(x)), dim=-1).numpy()
+    np.testing.assert_allclose(back, test, atol=1e-4)
+
+    # And its shared codebook beats a random one of the same structure.
+    def mean_cosine(c: np.ndarray) -> float:
+        return float(np.mean(np.sum(codec.decode(c) * test, axis=1)))
+
+    random_codes = np.random.default_rng(1).integers(0, 256, codes.shape, dtype=np.uint8)
+    assert mean_cosine(codes) > mean_cosine(random_codes) + 0.2
+
+
+def test_pqvae_pca_rejects_more_sub_vectors_than_dimensions(data: tuple[np.ndarray, np.ndarray]) -> None:
+    with pytest.raises(InvalidArgumentError, match="choose fewer --bits"):
+        train_codec("pqvae-pca", data[0], 512)
+    with pytest.raises(InvalidArgumentError, match="pqvae encoder must be one of"):
+        from semdb.codecs.pqvae import PQVAECodec
+
+        PQVAECodec.train(data[0], 32, encoder="conv")

@@ -21,6 +21,7 @@ _CODECS: dict[str, str] = {
     "opq": "semdb.codecs.faiss_codecs:OPQCodec",
     "rq": "semdb.codecs.faiss_codecs:RQCodec",
     "pqvae": "semdb.codecs.pqvae:PQVAECodec",
+    "pqvae-pca": "semdb.codecs.pqvae:PrincipalPQVAECodec",
 }
 
 DEFAULT_CODEC = "pq"
