@@ -14,7 +14,8 @@ which fits the training set better still (.897), does worse on held-out ones (.7
 .502). Principal axes and 16-word codebooks of 8-d sub-vectors have too few degrees of freedom to
 memorise classes, and spreading the bits thinly over many axes keeps more of what queries compare
 than spending them finely on few: on CuPL at 64 bits with query weighting, 1 bit on each of 64 axes
-gave zero-shot .916 / mAP@100 .844, 0.5 bits on 128 axes .904 / .897, 2 bits on 32 axes .911 / .831
+gave zero-shot .916 / mAP@100 .844, 0.5 bits on 128 axes .904 / .897, 1 bit per axis as 4-word
+codebooks of 2-d sub-vectors .911 / .831
 (``docs/codecs.md`` §0 has the sweep; 0.5 bits per axis was the best mAP at 32, 64 and 128 bits and
 within .015 of the best zero-shot at 32 and 64).
 
