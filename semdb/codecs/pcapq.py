@@ -16,7 +16,7 @@ memorise classes, and spreading the bits thinly over many axes keeps more of wha
 than spending them finely on few: on CuPL at 64 bits with query weighting, 1 bit on each of 64 axes
 gave zero-shot .916 / mAP@100 .844, 0.5 bits on 128 axes .904 / .897, 1 bit per axis as 4-word
 codebooks of 2-d sub-vectors .911 / .831
-(``docs/codecs.md`` §0 has the sweep; 0.5 bits per axis was the best mAP at 32, 64 and 128 bits and
+(``docs/codecs.md`` §00 has the sweep; 0.5 bits per axis was the best mAP at 32, 64 and 128 bits and
 within .015 of the best zero-shot at 32 and 64).
 
 Combined with query weighting (``train_codec("pcapq", x, bits, queries=Q)``), the principal axes are
