@@ -33,9 +33,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[64], help="bit rates (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     parser.add_argument("--variants", nargs="+", default=["{}"], help="JSON objects of PQVAEConfig overrides")
-    parser.add_argument(
-        "--query-weighted", action="store_true", help="weight by the 800 training classes' prompts"
-    )
+    parser.add_argument("--query-weighted", action="store_true", help="weight by the 800 training classes' prompts")
     args = parser.parse_args()
     names, sentences, labels, prompts = load_cupl()
     train, test, test_labels, queries, query_labels, _ = protocol(names, sentences, labels, prompts)
@@ -63,7 +61,8 @@ def main() -> None:
             recall = recall_at_k(truth, index.search(recall_queries, RECALL_K)[1])
             cosine = float(np.mean(np.sum(decoded * test, axis=1)))
             print(
-                f"{bits} bits seed {args.seed}{' weighted' * args.query_weighted} {variant}: zero-shot {zs:.3f} mAP@100 {ap:.3f} "
+                f"{bits} bits seed {args.seed}{' weighted' * args.query_weighted} {variant}: "
+                f"zero-shot {zs:.3f} mAP@100 {ap:.3f} "
                 f"10-R@10 {recall:.3f} cosine {cosine:.3f} train {seconds:.0f}s"
             )
             sys.stdout.flush()
