@@ -12,6 +12,7 @@ import torch
 from semdb.codecs import list_codecs, load_codec, train_codec
 from semdb.codecs.faiss_codecs import choose_layout
 from semdb.codecs.pcapq import pcapq_layout, principal_basis
+from semdb.codecs.pqvae import unpack_indices
 from semdb.errors import InvalidArgumentError
 
 FAISS_CODECS = ["pq", "opq", "rq", "pcapq"]
@@ -280,3 +281,32 @@ def test_pqvae_pca_rejects_more_sub_vectors_than_dimensions(data: tuple[np.ndarr
         from semdb.codecs.pqvae import PQVAECodec
 
         PQVAECodec.train(data[0], 32, encoder="conv")
+
+
+@pytest.mark.parametrize("bits", [16, 64])
+def test_pqvae_pca_searches_its_codes_not_a_float_copy(bits: int) -> None:
+    rng = np.random.default_rng(4)
+    x = unit_rows(rng, 1500)
+    codec = train_codec("pqvae-pca", x[:1000], bits)
+    codes = codec.encode(x[1000:])
+    index = codec.search_index(codes)
+    # A transform in front of a PQ holding the bits/8-byte codes: no decoded floats.
+    inner = faiss.downcast_index(faiss.downcast_index(index).index)
+    assert isinstance(inner, faiss.IndexPQ) and inner.code_size == bits // 8 and index.ntotal == 500
+    # It scores the decoder's output before normalisation ...
+    with torch.no_grad():
+        indices = torch.from_numpy(unpack_indices(codes, codec.model.config.codebook_bits))
+        raw = codec.model.decoder(codec.model.codebook[indices].reshape(500, -1)).numpy()
+    scores, rows = index.search(x[:6], 5)
+    np.testing.assert_allclose(scores, np.take_along_axis(x[:6] @ raw.T, rows, axis=1), atol=1e-4)
+    # ... and the cosine index ranks by cosine, i.e. by the normalised reconstructions decode() gives.
+    want = x[:6] @ codec.decode(codes).T
+    cos_scores, cos_rows = codec.cosine_index(codes).search(x[:6], 5)
+    np.testing.assert_allclose(cos_scores, -np.sort(-want, axis=1)[:, :5], atol=1e-4)
+    np.testing.assert_allclose(cos_scores, np.take_along_axis(want, cos_rows, axis=1), atol=1e-4)
+
+
+def test_mlp_pqvae_still_searches_decoded_vectors(data: tuple[np.ndarray, np.ndarray]) -> None:
+    codec = train_codec("pqvae", data[0], 16)
+    index = codec.search_index(codec.encode(data[1]))
+    assert isinstance(index, faiss.IndexFlatIP) and index.ntotal == len(data[1])

@@ -242,3 +242,28 @@ def test_search_ranks_coded_images_by_cosine_to_their_reconstructions(tmp_path: 
     np.testing.assert_allclose([hit.score for hit in hits], np.sort(cosine)[::-1], rtol=1e-4, atol=1e-5)
     by_path = dict(zip(paths, cosine, strict=True))
     np.testing.assert_allclose([by_path[hit.path] for hit in hits], [hit.score for hit in hits], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("codec_name", ["pqvae-pca", "pcapq"])
+def test_principal_axis_codecs_serve_a_database_from_their_codes(tmp_path: Path, codec_name: str) -> None:
+    folder = tmp_path / "many"
+    write_colour_images(folder, per_colour=16)
+    db_path = tmp_path / "db.semdb"
+    db = semdb.connect(db_path, encoder=FakeEncoder(), codec=codec_name, bits=16)
+    db.ingest([folder], batch_size=16, train_size=64)
+    codec = db._codec_state().codec
+    assert codec is not None and codec.name == codec_name
+    with sqlite3.connect(db_path) as connection:
+        rows = connection.execute(
+            "SELECT images.path, codes.code FROM images JOIN codes ON codes.content_id = images.content_id"
+        ).fetchall()
+    assert {len(code) for _, code in rows} == {2}
+    decoded = codec.decode(np.frombuffer(b"".join(code for _, code in rows), np.uint8).reshape(len(rows), -1))
+    query = FakeEncoder().encode_texts(["a purple thing"])
+    cosine = (decoded @ query[0]) / np.linalg.norm(decoded, axis=1)
+    hits = db.search_vectors(query, k=len(rows))[0]
+    np.testing.assert_allclose([hit.score for hit in hits], np.sort(cosine)[::-1], rtol=1e-4, atol=1e-5)
+    # A second connection is served from the index cache and answers the same.
+    assert cache_path(db_path).is_file()
+    again = semdb.connect(db_path, encoder=FakeEncoder()).search_vectors(query, k=len(rows))[0]
+    assert [hit.path for hit in again] == [hit.path for hit in hits]
