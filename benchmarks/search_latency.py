@@ -12,7 +12,9 @@ interleaved query by query:
 * ``pq-cos``  — semdb's index: FAISS ``IndexPQ`` 16 x 8 bits over the codes, ranked by cosine to the
   reconstructions (:class:`semdb.cosine.CosineIndex`, exact);
 * ``pq``      — the same ``IndexPQ`` ranked by plain inner product (asymmetric distance);
-* ``fastscan``— FAISS ``IndexPQFastScan`` 32 x 4 bits (also 16 bytes), SIMD scan with 8-bit LUTs.
+* ``fastscan``— FAISS ``IndexPQFastScan`` 32 x 4 bits (also 16 bytes), SIMD scan with 8-bit LUTs;
+* ``--also pcapq,pqvae-pca``: other semdb codecs at the same bits, trained on the same sample and
+  searched through their own ``cosine_index`` (e.g. ``pcapq-cos``), interleaved with the rest.
 
 Also: resident memory per image of each index (psutil RSS delta while building it, and serialised
 bytes / n), recall@10 against the float brute force, and, on a real semdb database of
@@ -127,6 +129,7 @@ def run_scale(
     rng: np.random.Generator,
     codec: Codec,
     fastscan_trained: faiss.Index,
+    also: dict[str, Codec],
 ) -> tuple[list[list[object]], list[list[object]], np.ndarray, np.ndarray]:
     """Benchmark one collection size → (latency rows, memory rows, the codes, the queries)."""
     faiss.omp_set_num_threads(args.build_threads)
@@ -145,6 +148,11 @@ def run_scale(
         return index
 
     fs_index, fs_rss, fs_build = build_with_rss(build_fastscan)
+    also_codes = {name: other.encode(x) for name, other in also.items()}
+    also_built = {
+        name: build_with_rss(lambda other=other, codes=also_codes[name]: other.cosine_index(codes))
+        for name, other in also.items()
+    }
     print(f"[{n:,}] indexes built (pq-cos {cos_build:.1f} s, fastscan incl. encoding {fs_build:.1f} s)", flush=True)
 
     faiss.omp_set_num_threads(args.threads)
@@ -168,6 +176,9 @@ def run_scale(
         return ids
 
     runners = {"numpy": run_numpy, "pq-cos": run_pq_cosine, "pq": run_pq, "fastscan": run_fastscan}
+    for name, (other_index, _, _) in also_built.items():
+        runners[f"{name}-cos"] = lambda q, index=other_index: index.search(q[None, :], K)[1][0]
+        timings[f"{name}-cos"], cpu[f"{name}-cos"], found[f"{name}-cos"] = [], [], []
     for q in queries[:3]:  # warm-up: page in the arrays, initialise BLAS and FAISS
         for runner in runners.values():
             runner(q)
@@ -188,6 +199,7 @@ def run_scale(
         ("pq-cos", "semdb: IndexPQ 16x8 (codes), cosine"),
         ("pq", "IndexPQ 16x8 (codes), inner product"),
         ("fastscan", "IndexPQFastScan 32x4 (codes)"),
+        *((f"{name}-cos", f"semdb: {other.describe()}, cosine") for name, other in also.items()),
     ):
         p50 = percentile_ms(timings[name], 50)
         latency_rows.append(
@@ -210,6 +222,9 @@ def run_scale(
         [f"{n:,}", "IndexPQ 16x8 alone", pq_rss / n, index_bytes(pq_index) / n],
         [f"{n:,}", "IndexPQFastScan 32x4", fs_rss / n, index_bytes(fs_index) / n],
     ]
+    for name, (other_index, other_rss, _) in also_built.items():
+        other_bytes = sum(index_bytes(part.index) for part in other_index.parts) + 12 * n
+        memory_rows.append([f"{n:,}", f"semdb: {name} parts + 1/norms", other_rss / n, other_bytes / n])
     return latency_rows, memory_rows, codes, queries
 
 
@@ -385,6 +400,7 @@ def main() -> None:
     parser.add_argument("--db-rows", type=int, default=100_000, help="rows of the real database (0: skip)")
     parser.add_argument("--cache-rounds", type=int, default=3, help="rebuild/load rounds (median reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--also", default="", help="other semdb codecs to time beside pq, e.g. pcapq,pqvae-pca")
     args = parser.parse_args()
     if args.build_threads <= 0:
         args.build_threads = faiss.omp_get_max_threads()
@@ -419,11 +435,14 @@ def main() -> None:
     scales = spectrum(DIM, args.decay, rng)
     sample = synthetic(args.train, centres, args.noise, scales, rng)
     codec, fastscan_trained = train_indexes(sample, args.seed)
+    from semdb.codecs import train_codec
+
+    also = {name: train_codec(name, sample, BITS, seed=args.seed) for name in filter(None, args.also.split(","))}
     print(f"codecs trained on {args.train:,} points: {time.perf_counter() - started:.1f} s", flush=True)
     with threadpool_limits(limits=args.threads):
         for n in sizes:
             rows, mem, codes, queries = run_scale(
-                n, queries_for(n), args, centres, scales, rng, codec, fastscan_trained
+                n, queries_for(n), args, centres, scales, rng, codec, fastscan_trained, also
             )
             latency += rows
             memory += mem

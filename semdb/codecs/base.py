@@ -92,13 +92,24 @@ class Codec(ABC):
             index.add(self.decode(self.check_codes(codes)))
         return index
 
+    def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
+        """``(n, code_size)`` uint8 → ``(n, d)`` float32: the vectors :meth:`search_index` scores by
+        inner product. :meth:`decode` by default; a codec whose index scores an unnormalised form of
+        its reconstructions (same direction) returns that, so that cosine ranking divides by its norm."""
+        return self.decode(codes)
+
+    @property
+    def scores_unit_vectors(self) -> bool:
+        """Whether :meth:`search_index` scores unit vectors (then inner product already is cosine)."""
+        return self.unit_norm_reconstructions
+
     def cosine_index(self, codes: np.ndarray) -> CosineIndex:
         """:meth:`search_index` over ``codes`` ``(n, code_size)``, ranked by cosine to the
         reconstructions (see :mod:`semdb.cosine`); how the database and the evaluation search."""
         c = self.check_codes(codes)
-        if self.unit_norm_reconstructions:
+        if self.scores_unit_vectors:
             return CosineIndex.build(c, self.search_index, None)
-        inverse = [inverse_norms(self.decode(c[i : i + DECODE_CHUNK])) for i in range(0, len(c), DECODE_CHUNK)]
+        inverse = [inverse_norms(self.scored_vectors(c[i : i + DECODE_CHUNK])) for i in range(0, len(c), DECODE_CHUNK)]
         return CosineIndex.build(c, self.search_index, np.concatenate(inverse) if inverse else np.empty(0, np.float32))
 
     def check_codes(self, codes: np.ndarray) -> np.ndarray:

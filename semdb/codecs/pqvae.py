@@ -46,8 +46,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.nn import functional as F
 
-from semdb.codecs.base import DECODE_CHUNK, Codec, as_embeddings, check_bits
-from semdb.cosine import CosineIndex, inverse_norms
+from semdb.codecs.base import Codec, as_embeddings, check_bits
 from semdb.errors import InvalidArgumentError
 
 ENCODERS = ("mlp", "principal")
@@ -311,14 +310,17 @@ class PQVAECodec(Codec):
         index.ntotal = pq_index.ntotal
         return index
 
-    def cosine_index(self, codes: np.ndarray) -> CosineIndex:
-        """:meth:`Codec.cosine_index`; with a linear decoder the index scores the decoder's output
-        before normalisation, so its norms are kept for the cosine."""
+    def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
+        """What :meth:`search_index` scores: with a linear decoder its output before normalisation
+        (the direction of :meth:`decode`), else :meth:`decode`."""
         if self._linear_layout() is None:
-            return super().cosine_index(codes)
-        c = self.check_codes(codes)
-        inverse = [inverse_norms(self._decode_linear(c[i : i + DECODE_CHUNK])) for i in range(0, len(c), DECODE_CHUNK)]
-        return CosineIndex.build(c, self.search_index, np.concatenate(inverse) if inverse else np.empty(0, np.float32))
+            return self.decode(codes)
+        return self._decode_linear(self.check_codes(codes))
+
+    @property
+    def scores_unit_vectors(self) -> bool:
+        """True unless the codes are scanned through the linear decoder (:meth:`search_index`)."""
+        return self._linear_layout() is None
 
     @torch.inference_mode()
     def _decode_linear(self, codes: np.ndarray) -> np.ndarray:

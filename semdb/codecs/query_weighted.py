@@ -112,6 +112,12 @@ class QueryWeightedCodec(Codec):
         decoded: np.ndarray = self.base.decode(codes) @ self.inverse
         return decoded
 
+    def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
+        """``(n, code_size)`` uint8 → ``(n, d)``: the base codec's scored vectors mapped by ``W⁻¹``,
+        which :meth:`search_index` scores (``<W⁻¹ q, v> = <q, W⁻¹ v>``, ``W`` symmetric)."""
+        vectors: np.ndarray = self.base.scored_vectors(codes) @ self.inverse
+        return vectors
+
     def search_index(self, codes: np.ndarray) -> faiss.Index:
         """The base codec's index over ``codes``, behind a ``W⁻¹`` transform of the queries."""
         return faiss.IndexPreTransform(_linear_transform(self.inverse), self.base.search_index(codes))
