@@ -310,3 +310,23 @@ def test_mlp_pqvae_still_searches_decoded_vectors(data: tuple[np.ndarray, np.nda
     codec = train_codec("pqvae", data[0], 16)
     index = codec.search_index(codec.encode(data[1]))
     assert isinstance(index, faiss.IndexFlatIP) and index.ntotal == len(data[1])
+
+
+def test_fine_tuned_pqvae_pca_still_searches_its_codes(data: tuple[np.ndarray, np.ndarray]) -> None:
+    train, test = data
+    closed_form = train_codec("pqvae-pca", train, 32)
+    tuned = train_codec("pqvae-pca", train, 32, steps=30)
+    assert tuned.to_bytes() != closed_form.to_bytes()  # the gradient steps changed something
+    codes = tuned.encode(test)
+    index = tuned.search_index(codes)  # owns its parts: keep it alive while looking inside
+    assert isinstance(faiss.downcast_index(faiss.downcast_index(index).index), faiss.IndexPQ)
+    want = train[:4] @ tuned.decode(codes).T
+    scores, _ = tuned.cosine_index(codes).search(train[:4], 5)
+    np.testing.assert_allclose(scores, -np.sort(-want, axis=1)[:, :5], atol=1e-4)
+
+
+def test_hyper_parameters_reach_only_codecs_that_take_them(data: tuple[np.ndarray, np.ndarray]) -> None:
+    with pytest.raises(InvalidArgumentError, match="codec pq takes no hyper-parameters"):
+        train_codec("pq", data[0], 32, steps=10)
+    with pytest.raises(InvalidArgumentError, match="unknown pqvae hyper-parameter"):
+        train_codec("pqvae", data[0], 32, stepz=10)

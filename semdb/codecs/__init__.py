@@ -8,6 +8,8 @@ one from :meth:`Codec.to_bytes`. Codecs are imported lazily so that listing them
 from __future__ import annotations
 
 import importlib
+import inspect
+from typing import Any
 
 import numpy as np
 
@@ -49,23 +51,34 @@ def codec_class(name: str) -> type[Codec]:
 
 
 def train_codec(
-    name: str, embeddings: np.ndarray, bits_per_image: int, seed: int = 0, queries: np.ndarray | None = None
+    name: str,
+    embeddings: np.ndarray,
+    bits_per_image: int,
+    seed: int = 0,
+    queries: np.ndarray | None = None,
+    **hyper_parameters: Any,
 ) -> Codec:
     """Train codec ``name`` on ``embeddings`` ``(n, d)`` float32 at ``bits_per_image`` bits.
 
     ``queries``: optional ``(c, d)`` sample of query embeddings (c ≥ 2); the codec is then trained
     in their weighted space (:class:`~semdb.codecs.query_weighted.QueryWeightedCodec`).
+    ``hyper_parameters``: passed to codecs that take them (the pqvae family, e.g. ``steps=500``).
     """
     check_bits(bits_per_image)
     cls = codec_class(name)
     x = as_embeddings(embeddings)
     if len(x) == 0:
         raise InvalidArgumentError("cannot train a codec on zero embeddings")
+    takes_keywords = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(cls.train).parameters.values())
+    if hyper_parameters and not takes_keywords:
+        raise InvalidArgumentError(
+            f"codec {name} takes no hyper-parameters (got {', '.join(sorted(hyper_parameters))})"
+        )
     if queries is None:
-        return cls.train(x, bits_per_image, seed=seed)
+        return cls.train(x, bits_per_image, seed=seed, **hyper_parameters)
     from semdb.codecs.query_weighted import QueryWeightedCodec
 
-    return QueryWeightedCodec.train(x, bits_per_image, seed=seed, base_name=name, queries=queries)
+    return QueryWeightedCodec.train(x, bits_per_image, seed=seed, base_name=name, queries=queries, **hyper_parameters)
 
 
 def load_codec(name: str, state: bytes) -> Codec:

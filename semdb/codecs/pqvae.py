@@ -152,6 +152,21 @@ class ResidualMLP(nn.Module):
         return out
 
 
+class ShiftedLinear(nn.Module):
+    """``(n, m)`` → ``(n, d)``: ``W (z + β)``, the principal encoder's decoder. Its offset acts in
+    the latent space, so a search can fold it into the codebook (:meth:`PQVAECodec.search_index`)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out, bias=False)
+        self.shift = nn.Parameter(torch.zeros(d_in))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``(n, m)`` → ``(n, d)``."""
+        out: torch.Tensor = self.linear(z + self.shift)
+        return out
+
+
 class PQVAE(nn.Module):
     """Encoder, one shared codebook ``(2**8, latent_dim)``, decoder."""
 
@@ -162,7 +177,7 @@ class PQVAE(nn.Module):
         self.encoder: nn.Module
         self.decoder: nn.Module
         if config.encoder == "principal":
-            self.encoder, self.decoder = nn.Linear(config.dim, latent), nn.Linear(latent, config.dim)
+            self.encoder, self.decoder = nn.Linear(config.dim, latent), ShiftedLinear(latent, config.dim)
         else:
             self.encoder = ResidualMLP(config.dim, config.hidden_width, latent)
             self.decoder = ResidualMLP(latent, config.hidden_width, config.dim)
@@ -283,10 +298,10 @@ class PQVAECodec(Codec):
     def search_index(self, codes: np.ndarray) -> faiss.Index:
         """An inner-product index over ``codes`` ``(n, bits/8)``.
 
-        With a linear decoder (``encoder="principal"``), the codes themselves are scanned: the
-        decoder's ``y = W ẑ + b`` scores ``<q, y> = <Wᵀ q, ẑ + β>`` with ``W β = b``, so the index is
-        FAISS's ``IndexPreTransform(Wᵀ, IndexPQ)`` whose sub-quantiser ``j`` holds the shared
-        codebook shifted by ``β_j`` — ``bits/8`` bytes per item in memory instead of a float copy.
+        With the principal encoder's linear decoder, the codes themselves are scanned: its output
+        ``y = W (ẑ + β)`` scores ``<q, y> = <Wᵀ q, ẑ + β>``, so the index is FAISS's
+        ``IndexPreTransform(Wᵀ, IndexPQ)`` whose sub-quantiser ``j`` holds the shared codebook
+        shifted by ``β_j`` — ``bits/8`` bytes per item in memory instead of a float copy.
         Otherwise the decoded vectors go into a flat index (:meth:`Codec.search_index`).
         """
         layout = self._linear_layout()
@@ -295,7 +310,7 @@ class PQVAECodec(Codec):
         transform, centroids = layout
         config = self.model.config
         m = transform.shape[0]
-        rotation = faiss.LinearTransform(self.dim, m, False)
+        rotation: Any = faiss.LinearTransform(self.dim, m, False)
         faiss.copy_array_to_vector(transform.ravel(), rotation.A)
         rotation.is_trained = True
         pq_index: Any = faiss.IndexPQ(
@@ -306,8 +321,12 @@ class PQVAECodec(Codec):
         c = self.check_codes(codes)
         if len(c):
             pq_index.add_sa_codes(_faiss_bit_order(c, config.codebook_bits))
-        index = faiss.IndexPreTransform(rotation, pq_index)
+        index: Any = faiss.IndexPreTransform(rotation, pq_index)
         index.ntotal = pq_index.ntotal
+        # The C++ index owns its parts, so that they live exactly as long as it does.
+        index.own_fields = True
+        rotation.this.disown()
+        pq_index.this.disown()
         return index
 
     def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
@@ -331,23 +350,16 @@ class PQVAECodec(Codec):
         return decoded
 
     def _linear_layout(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(Wᵀ (m, d), centroids (M, K, e))`` float32 for a linear decoder whose bias lies in the
-        span of its weights (always so in closed form), else None; computed once."""
-        if not hasattr(self, "_layout"):
-            self._layout: tuple[np.ndarray, np.ndarray] | None = None
-            decoder, config = self.model.decoder, self.model.config
-            if isinstance(decoder, nn.Linear):
-                weight = decoder.weight.detach().double().numpy()  # (d, m)
-                bias = decoder.bias.detach().double().numpy()  # (d,)
-                shift = np.linalg.lstsq(weight, bias, rcond=None)[0]  # β (m,)
-                if np.linalg.norm(weight @ shift - bias) <= 1e-4 * max(1.0, float(np.linalg.norm(bias))):
-                    codebook = self.model.codebook.detach().double().numpy()  # (K, e)
-                    centroids = codebook[None] + shift.reshape(config.subvectors, 1, config.latent_dim)
-                    self._layout = (
-                        np.ascontiguousarray(weight.T, dtype=np.float32),
-                        np.ascontiguousarray(centroids, dtype=np.float32),
-                    )
-        return self._layout
+        """``(Wᵀ (m, d), centroids (M, K, e))`` float32 for the principal encoder's decoder
+        ``W (ẑ + β)``: sub-quantiser ``j``'s centroids are the shared codebook shifted by ``β_j``;
+        None for the MLP decoder."""
+        decoder, config = self.model.decoder, self.model.config
+        if not isinstance(decoder, ShiftedLinear):
+            return None
+        weight = decoder.linear.weight.detach().numpy()  # (d, m)
+        shift = decoder.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)
+        centroids = self.model.codebook.detach().numpy()[None] + shift  # (M, K, e)
+        return np.ascontiguousarray(weight.T, dtype=np.float32), np.ascontiguousarray(centroids, dtype=np.float32)
 
     def describe(self) -> str:
         """E.g. ``pqvae 64 bits (8 x 256-word shared codebook)``."""
@@ -431,7 +443,7 @@ def _principal_init(model: PQVAE, x: torch.Tensor) -> None:
     Encoder: ``z = (B x − μ) / s`` with ``B`` ``(m, d)`` the first ``m = M · latent_dim`` axes of
     :func:`semdb.codecs.pcapq.principal_basis`, ``μ`` their mean and ``s`` one scale per sub-vector
     (the RMS spread of its axes), so that one codebook fits every sub-vector while each keeps the
-    shape of its axes' spread. Decoder: the exact inverse on the kept axes, ``x̂ = Bᵀ (s z + μ)``.
+    shape of its axes' spread. Decoder: the exact inverse on the kept axes, ``x̂ = Bᵀ s (z + μ / s)``.
     Measured on CuPL (query-weighted, closed form): one scale per axis instead gave zero-shot
     +.010–.021 and mAP@100 −.006–.031 at 32–128 bits.
     """
@@ -445,11 +457,11 @@ def _principal_init(model: PQVAE, x: torch.Tensor) -> None:
     spread = projected.var(0).view(config.subvectors, config.latent_dim).mean(1).sqrt().clamp(min=1e-8)
     scale = spread.repeat_interleave(config.latent_dim)  # (m,)
     encoder, decoder = model.encoder, model.decoder
-    assert isinstance(encoder, nn.Linear) and isinstance(decoder, nn.Linear)  # by config.encoder
+    assert isinstance(encoder, nn.Linear) and isinstance(decoder, ShiftedLinear)  # by config.encoder
     encoder.weight.copy_(basis / scale[:, None])
     encoder.bias.copy_(-mean / scale)
-    decoder.weight.copy_(basis.T * scale[None, :])
-    decoder.bias.copy_(basis.T @ mean)
+    decoder.linear.weight.copy_(basis.T * scale[None, :])
+    decoder.shift.copy_(mean / scale)
 
 
 def _anchor_points(x: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
