@@ -42,13 +42,13 @@ def test_eval_prints_a_complete_table_and_json(
 ) -> None:
     test, train = data_sets
     plot = tmp_path / "curves.png"
-    argv = ["eval", str(test), "--train", str(train), "--codec", "pq,rq,pqvae", "--bits", "8,16"]
+    argv = ["eval", str(test), "--train", str(train), "--codec", "pq,rq,pqvae,pqvae-pca,pcapq", "--bits", "8,16"]
     assert main([*argv, "--json", "--plot", str(plot)]) == 0
     out, err = capsys.readouterr()
     rows = json.loads(out)
     assert [(row["codec"], row["bits"]) for row in rows] == [
         ("float", None),
-        *[(codec, bits) for codec in ("pq", "rq", "pqvae") for bits in (8, 16)],
+        *[(codec, bits) for codec in ("pq", "rq", "pqvae", "pqvae-pca", "pcapq") for bits in (8, 16)],
     ]
     for row in rows:
         assert 0 <= row["zero_shot"] <= 1 and 0 <= row["map100"] <= 1 and 0 <= row["recall10"] <= 1
