@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from semdb.codecs import list_codecs, load_codec, train_codec
-from semdb.codecs.faiss_codecs import choose_layout
+from semdb.codecs.faiss_codecs import byte_aligned_pq, choose_layout
 from semdb.codecs.pcapq import pcapq_layout, principal_basis
 from semdb.codecs.pqvae import unpack_indices
 from semdb.errors import InvalidArgumentError
@@ -157,6 +157,28 @@ def test_pcapq_layout_spreads_half_a_bit_over_each_kept_dimension() -> None:
         pcapq_layout(2, 128)
 
 
+def test_pcapq_scans_its_4_bit_codes_a_byte_at_a_time(data: tuple[np.ndarray, np.ndarray]) -> None:
+    train, test = data
+    codec = train_codec("pcapq", train, 64)
+    codes = codec.encode(test)
+    index = codec.search_index(codes)
+    inner = faiss.downcast_index(faiss.downcast_index(index).index)
+    assert (inner.pq.nbits, inner.pq.M, inner.code_size) == (8, 8, 8)
+    # The same scores as the codec's own 4-bit PQ (FAISS's packing, first index in the low bits).
+    own = faiss.clone_index(codec.index)
+    faiss.downcast_index(faiss.downcast_index(own).index).add_sa_codes(codes)
+    own.ntotal = len(codes)
+    want, want_rows = own.search(train[:5], 6)
+    got, got_rows = index.search(train[:5], 6)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.array_equal(got_rows, want_rows)
+
+
+def test_byte_aligned_pq_rejects_words_that_do_not_pack() -> None:
+    with pytest.raises(ValueError, match="whole bytes"):
+        byte_aligned_pq(np.zeros((3, 16, 2), dtype=np.float32), 4, first_index_high=False)
+
+
 def test_principal_basis_is_orthonormal_and_starts_with_the_mean_direction(
     data: tuple[np.ndarray, np.ndarray],
 ) -> None:
@@ -293,6 +315,7 @@ def test_pqvae_pca_searches_its_codes_not_a_float_copy(bits: int) -> None:
     # A transform in front of a PQ holding the bits/8-byte codes: no decoded floats.
     inner = faiss.downcast_index(faiss.downcast_index(index).index)
     assert isinstance(inner, faiss.IndexPQ) and inner.code_size == bits // 8 and index.ntotal == 500
+    assert inner.pq.nbits == 8  # 4-bit words scanned a byte at a time
     # It scores the decoder's output before normalisation ...
     with torch.no_grad():
         indices = torch.from_numpy(unpack_indices(codes, codec.model.config.codebook_bits))

@@ -64,6 +64,33 @@ def _fits(dim: int, M: int, nbits: int, split_dims: bool) -> bool:
     return dim // M != 2 or nbits >= 3
 
 
+def byte_aligned_pq(centroids: np.ndarray, bits: int, first_index_high: bool) -> Any:
+    """An empty 8-bit inner-product ``IndexPQ`` that scores codes of ``M`` sub-quantisers of
+    ``bits`` ∈ {1, 2, 4} bits, packed ``8 // bits`` to a byte, exactly as their own PQ would.
+
+    ``centroids``: ``(M, 2**bits, e)`` float32. Each byte becomes one sub-quantiser over the
+    ``8 // bits`` sub-vectors it packs, whose 256 centroids are the concatenations of the centroids
+    its indices select (the Cartesian product), so the codes need no conversion; FAISS scans 8-bit
+    codes several times faster than packed smaller ones (4.8x for 32 x 4-bit codes, ad hoc).
+    ``first_index_high``: the byte's first index sits in its most significant bits (semdb's pqvae
+    packing) rather than its least (FAISS's own).
+    """
+    per_byte = 8 // bits
+    M, K, e = centroids.shape
+    if 8 % bits or M % per_byte or 2**bits != K:
+        raise ValueError(f"cannot pack {M} sub-quantisers of {bits} bits into whole bytes")
+    values = np.arange(256)
+    positions = range(per_byte - 1, -1, -1) if first_index_high else range(per_byte)
+    # indices[k, v]: the index of the byte's k-th sub-quantiser in byte value v.
+    indices = np.stack([(values >> (position * bits)) & (K - 1) for position in positions])
+    grouped = centroids.reshape(M // per_byte, per_byte, K, e)
+    merged = np.concatenate([grouped[:, k][:, indices[k]] for k in range(per_byte)], axis=-1)
+    index: Any = faiss.IndexPQ(M * e, M // per_byte, 8, faiss.METRIC_INNER_PRODUCT)
+    faiss.copy_array_to_vector(np.ascontiguousarray(merged, dtype=np.float32).ravel(), index.pq.centroids)
+    index.is_trained = True
+    return index
+
+
 def cast_index(index: faiss.Index) -> Any:
     """A non-owning view of ``index`` as its concrete FAISS class (whose attributes FAISS's type
     stubs do not declare); ``index`` must outlive it."""

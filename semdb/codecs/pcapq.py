@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 
 from semdb.codecs.base import as_embeddings, check_bits
-from semdb.codecs.faiss_codecs import FaissCodec, _train_pq, cast_index
+from semdb.codecs.faiss_codecs import FaissCodec, _train_pq, byte_aligned_pq, cast_index
 from semdb.errors import InvalidArgumentError
 
 SUBVECTOR_DIMS = 8  # dimensions per sub-quantiser
@@ -105,6 +105,31 @@ class PCAPQCodec(FaissCodec):
         index: Any = faiss.IndexPreTransform(rotation, pq_index)
         # Serialise and reload so that the C++ index owns its parts rather than Python's wrappers.
         return cls(faiss.deserialize_index(faiss.serialize_index(index)))
+
+    def search_index(self, codes: np.ndarray) -> faiss.Index:
+        """The rotation in front of an 8-bit PQ that scores these 4-bit codes exactly
+        (:func:`byte_aligned_pq`), holding ``codes`` ``(n, code_size)`` uint8."""
+        trained = cast_index(self.index)
+        pq = cast_index(trained.index).pq
+        if pq.nbits not in (1, 2, 4) or pq.M % (8 // pq.nbits):
+            return super().search_index(codes)
+        centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+        scanner = byte_aligned_pq(centroids, pq.nbits, first_index_high=False)
+        c = self.check_codes(codes)
+        if len(c):
+            scanner.add_sa_codes(c)
+        chained: Any = faiss.downcast_VectorTransform(trained.chain.at(0))
+        basis = faiss.vector_to_array(chained.A)
+        rotation: Any = faiss.LinearTransform(self.dim, pq.d, False)
+        faiss.copy_array_to_vector(basis, rotation.A)
+        rotation.is_orthonormal = True
+        rotation.is_trained = True
+        index: Any = faiss.IndexPreTransform(rotation, scanner)
+        index.ntotal = scanner.ntotal
+        index.own_fields = True  # the C++ index owns its parts and lives as long as they do
+        rotation.this.disown()
+        scanner.this.disown()
+        return index
 
     @classmethod
     def from_bytes(cls, state: bytes) -> Self:

@@ -47,6 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from semdb.codecs.base import Codec, as_embeddings, check_bits
+from semdb.codecs.faiss_codecs import byte_aligned_pq
 from semdb.errors import InvalidArgumentError
 
 ENCODERS = ("mlp", "principal")
@@ -301,7 +302,8 @@ class PQVAECodec(Codec):
         With the principal encoder's linear decoder, the codes themselves are scanned: its output
         ``y = W (ẑ + β)`` scores ``<q, y> = <Wᵀ q, ẑ + β>``, so the index is FAISS's
         ``IndexPreTransform(Wᵀ, IndexPQ)`` whose sub-quantiser ``j`` holds the shared codebook
-        shifted by ``β_j`` — ``bits/8`` bytes per item in memory instead of a float copy.
+        shifted by ``β_j`` — ``bits/8`` bytes per item in memory instead of a float copy; smaller
+        words are scanned a byte at a time (:func:`~semdb.codecs.faiss_codecs.byte_aligned_pq`).
         Otherwise the decoded vectors go into a flat index (:meth:`Codec.search_index`).
         """
         layout = self._linear_layout()
@@ -313,14 +315,15 @@ class PQVAECodec(Codec):
         rotation: Any = faiss.LinearTransform(self.dim, m, False)
         faiss.copy_array_to_vector(transform.ravel(), rotation.A)
         rotation.is_trained = True
-        pq_index: Any = faiss.IndexPQ(
-            transform.shape[0], config.subvectors, config.codebook_bits, faiss.METRIC_INNER_PRODUCT
-        )
-        faiss.copy_array_to_vector(centroids.ravel(), pq_index.pq.centroids)
-        pq_index.is_trained = True
+        if config.codebook_bits == 8:
+            pq_index: Any = faiss.IndexPQ(m, config.subvectors, 8, faiss.METRIC_INNER_PRODUCT)
+            faiss.copy_array_to_vector(centroids.ravel(), pq_index.pq.centroids)
+            pq_index.is_trained = True
+        else:  # an 8-bit PQ over the packed bytes scores them as they are, and scans faster
+            pq_index = byte_aligned_pq(centroids, config.codebook_bits, first_index_high=True)
         c = self.check_codes(codes)
         if len(c):
-            pq_index.add_sa_codes(_faiss_bit_order(c, config.codebook_bits))
+            pq_index.add_sa_codes(c)
         index: Any = faiss.IndexPreTransform(rotation, pq_index)
         index.ntotal = pq_index.ntotal
         # The C++ index owns its parts, so that they live exactly as long as it does.
@@ -403,19 +406,6 @@ def unpack_indices(codes: np.ndarray, bits: int) -> np.ndarray:
     shifts = (np.arange(per_byte - 1, -1, -1) * bits).astype(np.uint8)
     mask = np.uint8(2**bits - 1)
     return ((codes[:, :, None] >> shifts) & mask).reshape(len(codes), -1).astype(np.int64)
-
-
-def _faiss_bit_order(codes: np.ndarray, bits: int) -> np.ndarray:
-    """:func:`pack_indices`'s codes ``(n, B)`` uint8 → FAISS's packing of the same indices, which
-    puts the first index of a byte in its least significant bits."""
-    if bits == 8:
-        return codes
-    indices = unpack_indices(codes, bits)
-    per_byte = 8 // bits
-    grouped = indices.astype(np.uint8).reshape(len(codes), -1, per_byte)
-    shifts = (np.arange(per_byte) * bits).astype(np.uint8)
-    packed: np.ndarray = np.bitwise_or.reduce(grouped << shifts, axis=2).astype(np.uint8)
-    return packed
 
 
 def _init_codebook(model: PQVAE, x: torch.Tensor, generator: torch.Generator) -> None:
