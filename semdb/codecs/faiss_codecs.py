@@ -91,6 +91,27 @@ def byte_aligned_pq(centroids: np.ndarray, bits: int, first_index_high: bool) ->
     return index
 
 
+def transformed_index(matrix: np.ndarray, index: faiss.Index, orthonormal: bool = False) -> Any:
+    """``IndexPreTransform`` of ``y = matrix · x`` (``matrix`` ``(m, d)`` float32) in front of
+    ``index`` (``m``-d), owning both, so that it may be used, cloned or freed like any FAISS index.
+
+    ``orthonormal``: the rows of ``matrix`` are orthonormal, which lets FAISS decode through the
+    transpose (``sa_decode``).
+    """
+    m, d = matrix.shape
+    transform: Any = faiss.LinearTransform(d, m, False)
+    faiss.copy_array_to_vector(np.ascontiguousarray(matrix, dtype=np.float32).ravel(), transform.A)
+    transform.is_orthonormal = orthonormal
+    transform.is_trained = True
+    inner: Any = index
+    owned: Any = faiss.IndexPreTransform(transform, inner)
+    owned.ntotal = inner.ntotal
+    owned.own_fields = True
+    transform.this.disown()
+    inner.this.disown()
+    return owned
+
+
 def cast_index(index: faiss.Index) -> Any:
     """A non-owning view of ``index`` as its concrete FAISS class (whose attributes FAISS's type
     stubs do not declare); ``index`` must outlive it."""

@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 
 from semdb.codecs.base import as_embeddings, check_bits
-from semdb.codecs.faiss_codecs import FaissCodec, _train_pq, byte_aligned_pq, cast_index
+from semdb.codecs.faiss_codecs import FaissCodec, _train_pq, byte_aligned_pq, cast_index, transformed_index
 from semdb.errors import InvalidArgumentError
 
 SUBVECTOR_DIMS = 8  # dimensions per sub-quantiser
@@ -95,16 +95,10 @@ class PCAPQCodec(FaissCodec):
         d = x.shape[1]
         m, M, nbits = pcapq_layout(d, bits_per_image)
         basis = principal_basis(x, m)
-        rotation = faiss.LinearTransform(d, m, False)
-        faiss.copy_array_to_vector(basis.ravel(), rotation.A)
-        rotation.is_orthonormal = True  # lets FAISS decode by the transpose (reverse_transform)
-        rotation.is_trained = True
         pq_index: Any = faiss.IndexPQ(m, M, nbits, faiss.METRIC_INNER_PRODUCT)
         _train_pq(pq_index.pq, np.ascontiguousarray(x @ basis.T), seed)
         pq_index.is_trained = True
-        index: Any = faiss.IndexPreTransform(rotation, pq_index)
-        # Serialise and reload so that the C++ index owns its parts rather than Python's wrappers.
-        return cls(faiss.deserialize_index(faiss.serialize_index(index)))
+        return cls(transformed_index(basis, pq_index, orthonormal=True))
 
     def search_index(self, codes: np.ndarray) -> faiss.Index:
         """The rotation in front of an 8-bit PQ that scores these 4-bit codes exactly
@@ -119,17 +113,8 @@ class PCAPQCodec(FaissCodec):
         if len(c):
             scanner.add_sa_codes(c)
         chained: Any = faiss.downcast_VectorTransform(trained.chain.at(0))
-        basis = faiss.vector_to_array(chained.A)
-        rotation: Any = faiss.LinearTransform(self.dim, pq.d, False)
-        faiss.copy_array_to_vector(basis, rotation.A)
-        rotation.is_orthonormal = True
-        rotation.is_trained = True
-        index: Any = faiss.IndexPreTransform(rotation, scanner)
-        index.ntotal = scanner.ntotal
-        index.own_fields = True  # the C++ index owns its parts and lives as long as they do
-        rotation.this.disown()
-        scanner.this.disown()
-        return index
+        basis = faiss.vector_to_array(chained.A).reshape(pq.d, self.dim)
+        return transformed_index(basis, scanner, orthonormal=True)
 
     @classmethod
     def from_bytes(cls, state: bytes) -> Self:

@@ -47,7 +47,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from semdb.codecs.base import Codec, as_embeddings, check_bits
-from semdb.codecs.faiss_codecs import byte_aligned_pq
+from semdb.codecs.faiss_codecs import byte_aligned_pq, transformed_index
 from semdb.errors import InvalidArgumentError
 
 ENCODERS = ("mlp", "principal")
@@ -312,9 +312,6 @@ class PQVAECodec(Codec):
         transform, centroids = layout
         config = self.model.config
         m = transform.shape[0]
-        rotation: Any = faiss.LinearTransform(self.dim, m, False)
-        faiss.copy_array_to_vector(transform.ravel(), rotation.A)
-        rotation.is_trained = True
         if config.codebook_bits == 8:
             pq_index: Any = faiss.IndexPQ(m, config.subvectors, 8, faiss.METRIC_INNER_PRODUCT)
             faiss.copy_array_to_vector(centroids.ravel(), pq_index.pq.centroids)
@@ -324,13 +321,7 @@ class PQVAECodec(Codec):
         c = self.check_codes(codes)
         if len(c):
             pq_index.add_sa_codes(c)
-        index: Any = faiss.IndexPreTransform(rotation, pq_index)
-        index.ntotal = pq_index.ntotal
-        # The C++ index owns its parts, so that they live exactly as long as it does.
-        index.own_fields = True
-        rotation.this.disown()
-        pq_index.this.disown()
-        return index
+        return transformed_index(transform, pq_index)
 
     def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
         """What :meth:`search_index` scores: with a linear decoder its output before normalisation

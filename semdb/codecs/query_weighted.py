@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 
 from semdb.codecs.base import Codec, as_embeddings
+from semdb.codecs.faiss_codecs import transformed_index
 from semdb.errors import InvalidArgumentError
 
 DEFAULT_RIDGE = 0.3
@@ -55,15 +56,6 @@ def query_weights(queries: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarr
     values, vectors = np.linalg.eigh(covariance / trace + ridge * np.eye(d) / d)
     weights: np.ndarray = ((vectors * np.sqrt(values)) @ vectors.T).astype(np.float32)
     return weights
-
-
-def _linear_transform(matrix: np.ndarray) -> faiss.LinearTransform:
-    """A FAISS ``y = matrix · x`` transform for a square float32 ``matrix``."""
-    d = matrix.shape[0]
-    transform = faiss.LinearTransform(d, d, False)
-    faiss.copy_array_to_vector(np.ascontiguousarray(matrix, dtype=np.float32).ravel(), transform.A)
-    transform.is_trained = True
-    return transform
 
 
 class QueryWeightedCodec(Codec):
@@ -120,7 +112,8 @@ class QueryWeightedCodec(Codec):
 
     def search_index(self, codes: np.ndarray) -> faiss.Index:
         """The base codec's index over ``codes``, behind a ``W⁻¹`` transform of the queries."""
-        return faiss.IndexPreTransform(_linear_transform(self.inverse), self.base.search_index(codes))
+        index: faiss.Index = transformed_index(self.inverse, self.base.search_index(codes))
+        return index
 
     def to_bytes(self) -> bytes:
         """:data:`MAGIC` + an ``.npz`` (no pickle) of ``W``, the base codec's name and its state."""
