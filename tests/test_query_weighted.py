@@ -97,3 +97,15 @@ def test_weights_and_bad_input() -> None:
         load_codec("rq", codec.to_bytes())
     with pytest.raises(InvalidArgumentError, match="query-weighted"):
         QueryWeightedCodec.from_bytes(b"nonsense")
+
+
+def test_a_codec_can_train_differently_when_query_weighted() -> None:
+    rng = np.random.default_rng(5)
+    train, _, train_queries, _ = sample(rng)
+    weighted = train_codec("pqvae-pca", train[:600], 32, queries=train_queries)
+    assert isinstance(weighted, QueryWeightedCodec)
+    config = weighted.base.model.config  # type: ignore[attr-defined]
+    assert (config.steps, config.anchor_kl_weight) == (500, 100.0)  # PrincipalPQVAECodec's weighted defaults
+    given = train_codec("pqvae-pca", train[:600], 32, queries=train_queries, steps=0)
+    assert given.base.model.config.steps == 0  # type: ignore[attr-defined]  # what is given wins
+    assert train_codec("pqvae-pca", train[:600], 32).model.config.steps == 0  # type: ignore[attr-defined]

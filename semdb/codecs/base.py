@@ -8,7 +8,7 @@ state serialises to bytes without pickle so that it can live in the database.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import faiss
 import numpy as np
@@ -49,6 +49,9 @@ class Codec(ABC):
     name: ClassVar[str]
     # Whether :meth:`decode` returns unit-norm vectors (then inner product already is cosine).
     unit_norm_reconstructions: ClassVar[bool] = False
+    # Hyper-parameters this codec trains with when query-weighted, unless others are given
+    # (:class:`~semdb.codecs.query_weighted.QueryWeightedCodec`); each one measured.
+    query_weighted_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, dim: int, bits_per_image: int) -> None:
         self.dim = dim

@@ -92,7 +92,9 @@ class QueryWeightedCodec(Codec):
         if queries is None:
             raise InvalidArgumentError("query weighting needs sample queries")
         weights = query_weights(as_embeddings(queries, x.shape[1]), ridge)
-        base = codec_class(base_name).train(x @ weights, bits_per_image, seed=seed, **hyper_parameters)
+        base_class = codec_class(base_name)
+        settings = {**base_class.query_weighted_defaults, **hyper_parameters}
+        base = base_class.train(x @ weights, bits_per_image, seed=seed, **settings)
         return cls(base, base_name, weights)
 
     def encode(self, embeddings: np.ndarray) -> np.ndarray:
