@@ -209,7 +209,7 @@ class PQCodec(FaissCodec):
         x = as_embeddings(embeddings)
         M, nbits = choose_layout(x.shape[1], bits_per_image, len(x), split_dims=True)
         index = faiss.IndexPQ(x.shape[1], M, nbits, faiss.METRIC_INNER_PRODUCT)
-        _train_pq(index.pq, x, seed)
+        train_pq(index.pq, x, seed)
         index.is_trained = True
         return cls(index)
 
@@ -219,7 +219,7 @@ class PQCodec(FaissCodec):
         return f"{self.name} {self.bits_per_image} bits ({pq.M}x{pq.nbits})"
 
 
-def _train_pq(pq: faiss.ProductQuantizer, x: np.ndarray, seed: int) -> None:
+def train_pq(pq: faiss.ProductQuantizer, x: np.ndarray, seed: int) -> None:
     """Train ``pq`` on ``x`` ``(n, d)``: k-means, or the cyclic codebooks when ``n <= 2**nbits``."""
     _quiet(pq.cp, seed)
     if len(x) > pq.ksub:
@@ -257,7 +257,7 @@ class OPQCodec(FaissCodec):
             _set_vector(opq.A, np.eye(d, dtype=np.float32))
             opq.is_trained = True
             opq.is_orthonormal = True
-        _train_pq(pq_index.pq, opq.apply(x), seed)
+        train_pq(pq_index.pq, opq.apply(x), seed)
         pq_index.is_trained = True
         index.is_trained = True
         return cls(index)

@@ -5,7 +5,8 @@ components of what varies around it — cut to its first ``m`` axes, and those a
 product quantiser of ``M`` sub-vectors of 8 dimensions with 16-word (4-bit) codebooks: 0.5 bits per
 kept dimension, so ``m = 2 × bits`` (capped at ``d``). Decoding rotates back; the discarded axes
 decode to zero. It is FAISS throughout (``IndexPreTransform(LinearTransform, IndexPQ)``), so codes
-are searched by asymmetric distance like ``pq``'s.
+are searched by asymmetric distance like ``pq``'s — a byte at a time, through an 8-bit PQ that
+scores the packed 4-bit codes exactly (:func:`~semdb.codecs.faiss_codecs.byte_aligned_pq`).
 
 **Why.** Codecs whose codewords are many full-width vectors (``rq``, ``opq``, ``pqvae``) learn the
 clusters of their training set; on CuPL, where the test classes are not the training classes, RQ at
@@ -31,7 +32,7 @@ import faiss
 import numpy as np
 
 from semdb.codecs.base import as_embeddings, check_bits
-from semdb.codecs.faiss_codecs import FaissCodec, _train_pq, byte_aligned_pq, cast_index, transformed_index
+from semdb.codecs.faiss_codecs import FaissCodec, train_pq, byte_aligned_pq, cast_index, transformed_index
 from semdb.errors import InvalidArgumentError
 
 SUBVECTOR_DIMS = 8  # dimensions per sub-quantiser
@@ -96,7 +97,7 @@ class PCAPQCodec(FaissCodec):
         m, M, nbits = pcapq_layout(d, bits_per_image)
         basis = principal_basis(x, m)
         pq_index: Any = faiss.IndexPQ(m, M, nbits, faiss.METRIC_INNER_PRODUCT)
-        _train_pq(pq_index.pq, np.ascontiguousarray(x @ basis.T), seed)
+        train_pq(pq_index.pq, np.ascontiguousarray(x @ basis.T), seed)
         pq_index.is_trained = True
         return cls(transformed_index(basis, pq_index, orthonormal=True))
 
