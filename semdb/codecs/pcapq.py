@@ -32,7 +32,7 @@ import faiss
 import numpy as np
 
 from semdb.codecs.base import as_embeddings, check_bits
-from semdb.codecs.faiss_codecs import FaissCodec, train_pq, byte_aligned_pq, cast_index, transformed_index
+from semdb.codecs.faiss_codecs import FaissCodec, byte_aligned_pq, cast_index, train_pq, transformed_index
 from semdb.errors import InvalidArgumentError
 
 SUBVECTOR_DIMS = 8  # dimensions per sub-quantiser
