@@ -9,6 +9,7 @@ the 200 held-out classes with the prompts ``"a photo of a {class}."`` as queries
     pip install clip-benchmark==1.6.2 --no-deps
     python benchmarks/codecs_cupl.py --embed-only   # ~15+ min on 2 cores, cached under .cache/
     python benchmarks/codecs_cupl.py --codec pq,opq,rq,pqvae --bits 32,64,128,256
+    python benchmarks/codecs_cupl.py --codec pqvae-pca,pcapq --bits 32,64,128 --query-weighted   # docs/codecs.md §00
 """
 
 from __future__ import annotations
