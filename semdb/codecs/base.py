@@ -47,8 +47,6 @@ class Codec(ABC):
     """
 
     name: ClassVar[str]
-    # Whether :meth:`decode` returns unit-norm vectors (then inner product already is cosine).
-    unit_norm_reconstructions: ClassVar[bool] = False
     # Hyper-parameters this codec trains with when query-weighted, unless others are given
     # (:class:`~semdb.codecs.query_weighted.QueryWeightedCodec`); each one measured.
     query_weighted_defaults: ClassVar[dict[str, Any]] = {}
@@ -104,7 +102,7 @@ class Codec(ABC):
     @property
     def scores_unit_vectors(self) -> bool:
         """Whether :meth:`search_index` scores unit vectors (then inner product already is cosine)."""
-        return self.unit_norm_reconstructions
+        return False
 
     def cosine_index(self, codes: np.ndarray) -> CosineIndex:
         """:meth:`search_index` over ``codes`` ``(n, code_size)``, ranked by cosine to the

@@ -66,7 +66,7 @@ def _fits(dim: int, M: int, nbits: int, split_dims: bool) -> bool:
 
 def byte_aligned_pq(centroids: np.ndarray, bits: int, first_index_high: bool) -> Any:
     """An empty 8-bit inner-product ``IndexPQ`` that scores codes of ``M`` sub-quantisers of
-    ``bits`` ∈ {1, 2, 4} bits, packed ``8 // bits`` to a byte, exactly as their own PQ would.
+    ``bits`` ∈ {1, 2, 4, 8} bits, packed ``8 // bits`` to a byte, exactly as their own PQ would.
 
     ``centroids``: ``(M, 2**bits, e)`` float32. Each byte becomes one sub-quantiser over the
     ``8 // bits`` sub-vectors it packs, whose 256 centroids are the concatenations of the centroids
@@ -88,6 +88,21 @@ def byte_aligned_pq(centroids: np.ndarray, bits: int, first_index_high: bool) ->
     index: Any = faiss.IndexPQ(M * e, M // per_byte, 8, faiss.METRIC_INNER_PRODUCT)
     faiss.copy_array_to_vector(np.ascontiguousarray(merged, dtype=np.float32).ravel(), index.pq.centroids)
     index.is_trained = True
+    return index
+
+
+def index_holding(scanner: faiss.Index, codes: np.ndarray) -> faiss.Index:
+    """A copy of the empty trained ``scanner`` holding ``codes`` ``(n, code_size)`` uint8 (row ``i``
+    = ``codes[i]``), behind its pre-transform if it has one."""
+    index = faiss.clone_index(scanner)
+    if len(codes):
+        if isinstance(index, faiss.IndexPreTransform):
+            # The pre-transform does not forward add_sa_codes: the codes go to the inner index.
+            inner = faiss.downcast_index(index.index)
+            inner.add_sa_codes(codes)
+            index.ntotal = inner.ntotal
+        else:
+            index.add_sa_codes(codes)
     return index
 
 
@@ -163,23 +178,18 @@ class FaissCodec(Codec):
         decoded: np.ndarray = self.index.sa_decode(c)
         return decoded
 
+    @property
+    def scanner(self) -> faiss.Index:
+        """The empty trained index that :meth:`search_index` copies and fills: the codec's own."""
+        return self.index
+
     def search_index(self, codes: np.ndarray) -> faiss.Index:
-        """A copy of the trained index holding ``codes`` ``(n, code_size)`` uint8: row ``i`` = ``codes[i]``.
+        """A copy of :attr:`scanner` holding ``codes`` ``(n, code_size)`` uint8: row ``i`` = ``codes[i]``.
 
         Search is asymmetric: queries stay float, the items stay codes, scores are
         ``<query, decode(code)>``.
         """
-        index = faiss.clone_index(self.index)
-        c = self.check_codes(codes)
-        if len(c):
-            if isinstance(index, faiss.IndexPreTransform):
-                # The pre-transform does not forward add_sa_codes: the codes go to the inner index.
-                inner = faiss.downcast_index(index.index)
-                inner.add_sa_codes(c)
-                index.ntotal = inner.ntotal
-            else:
-                index.add_sa_codes(c)
-        return index
+        return index_holding(self.scanner, self.check_codes(codes))
 
     def to_bytes(self) -> bytes:
         """FAISS's serialisation of the trained (empty) index."""

@@ -26,6 +26,7 @@ those of ``W x``: the directions queries tell apart.
 
 from __future__ import annotations
 
+from functools import cached_property
 from typing import Any, Self
 
 import faiss
@@ -101,21 +102,21 @@ class PCAPQCodec(FaissCodec):
         pq_index.is_trained = True
         return cls(transformed_index(basis, pq_index, orthonormal=True))
 
-    def search_index(self, codes: np.ndarray) -> faiss.Index:
-        """The rotation in front of an 8-bit PQ that scores these 4-bit codes exactly
-        (:func:`byte_aligned_pq`), holding ``codes`` ``(n, code_size)`` uint8."""
+    @cached_property
+    def scanner(self) -> faiss.Index:
+        """The rotation in front of an 8-bit PQ that scores the 4-bit codes exactly
+        (:func:`byte_aligned_pq`): what :meth:`search_index` copies and fills. Built once."""
         trained = cast_index(self.index)
         pq = cast_index(trained.index).pq
-        if pq.nbits not in (1, 2, 4) or pq.M % (8 // pq.nbits):
-            return super().search_index(codes)
+        if 8 % pq.nbits:
+            return self.index
         centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
-        scanner = byte_aligned_pq(centroids, pq.nbits, first_index_high=False)
-        c = self.check_codes(codes)
-        if len(c):
-            scanner.add_sa_codes(c)
         chained: Any = faiss.downcast_VectorTransform(trained.chain.at(0))
         basis = faiss.vector_to_array(chained.A).reshape(pq.d, self.dim)
-        return transformed_index(basis, scanner, orthonormal=True)
+        scanner: faiss.Index = transformed_index(
+            basis, byte_aligned_pq(centroids, pq.nbits, first_index_high=False), orthonormal=True
+        )
+        return scanner
 
     @classmethod
     def from_bytes(cls, state: bytes) -> Self:

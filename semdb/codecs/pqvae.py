@@ -46,6 +46,7 @@ import json
 import math
 import struct
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from typing import Any, ClassVar, Self
 
 import faiss
@@ -57,7 +58,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from semdb.codecs.base import Codec, as_embeddings, check_bits
-from semdb.codecs.faiss_codecs import byte_aligned_pq, transformed_index
+from semdb.codecs.faiss_codecs import byte_aligned_pq, index_holding, transformed_index
 from semdb.errors import InvalidArgumentError
 
 ENCODERS = ("mlp", "principal")
@@ -214,7 +215,6 @@ class PQVAECodec(Codec):
     """The learned PQVAE-shared codec: ``bits_per_image / 8`` codebook indices of one byte each."""
 
     name = "pqvae"
-    unit_norm_reconstructions = True
 
     def __init__(self, model: PQVAE) -> None:
         super().__init__(model.config.dim, model.config.bits_per_image)
@@ -307,43 +307,44 @@ class PQVAECodec(Codec):
         return cls(model)
 
     def search_index(self, codes: np.ndarray) -> faiss.Index:
-        """An inner-product index over ``codes`` ``(n, bits/8)``.
-
-        With the principal encoder's linear decoder, the codes themselves are scanned: its output
-        ``y = W (ẑ + β)`` scores ``<q, y> = <Wᵀ q, ẑ + β>``, so the index is FAISS's
-        ``IndexPreTransform(Wᵀ, IndexPQ)`` whose sub-quantiser ``j`` holds the shared codebook
-        shifted by ``β_j`` — ``bits/8`` bytes per item in memory instead of a float copy; smaller
-        words are scanned a byte at a time (:func:`~semdb.codecs.faiss_codecs.byte_aligned_pq`).
-        Otherwise the decoded vectors go into a flat index (:meth:`Codec.search_index`).
-        """
-        layout = self._linear_layout()
-        if layout is None:
+        """An inner-product index over ``codes`` ``(n, bits/8)``: a copy of :attr:`scanner` holding
+        them, or, for the MLP decoder, the decoded vectors in a flat index (:meth:`Codec.search_index`)."""
+        if self.scanner is None:
             return super().search_index(codes)
-        transform, centroids = layout
-        config = self.model.config
-        m = transform.shape[0]
-        if config.codebook_bits == 8:
-            pq_index: Any = faiss.IndexPQ(m, config.subvectors, 8, faiss.METRIC_INNER_PRODUCT)
-            faiss.copy_array_to_vector(centroids.ravel(), pq_index.pq.centroids)
-            pq_index.is_trained = True
-        else:  # an 8-bit PQ over the packed bytes scores them as they are, and scans faster
-            pq_index = byte_aligned_pq(centroids, config.codebook_bits, first_index_high=True)
-        c = self.check_codes(codes)
-        if len(c):
-            pq_index.add_sa_codes(c)
-        return transformed_index(transform, pq_index)
+        return index_holding(self.scanner, self.check_codes(codes))
+
+    @cached_property
+    def scanner(self) -> faiss.Index | None:
+        """For the principal encoder, an empty index that scores the codes themselves; built once.
+
+        Its decoder's output ``y = W (ẑ + β)`` scores ``<q, y> = <Wᵀ q, ẑ + β>``, so the index is
+        FAISS's ``IndexPreTransform(Wᵀ, IndexPQ)`` whose sub-quantiser ``j`` holds the shared
+        codebook shifted by ``β_j`` — ``bits/8`` bytes per item in memory instead of a float copy,
+        scanned a byte at a time (:func:`~semdb.codecs.faiss_codecs.byte_aligned_pq`). None for the
+        MLP decoder.
+        """
+        decoder, config = self.model.decoder, self.model.config
+        if not isinstance(decoder, ShiftedLinear):
+            return None
+        weight = decoder.linear.weight.detach().numpy()  # W (d, m)
+        shift = decoder.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)
+        centroids = self.model.codebook.detach().numpy()[None] + shift  # (M, K, e)
+        scanner: faiss.Index = transformed_index(
+            weight.T, byte_aligned_pq(centroids, config.codebook_bits, first_index_high=True)
+        )
+        return scanner
 
     def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
-        """What :meth:`search_index` scores: with a linear decoder its output before normalisation
+        """What :meth:`search_index` scores: with the linear decoder its output before normalisation
         (the direction of :meth:`decode`), else :meth:`decode`."""
-        if self._linear_layout() is None:
+        if self.scanner is None:
             return self.decode(codes)
         return self._decode_linear(self.check_codes(codes))
 
     @property
     def scores_unit_vectors(self) -> bool:
-        """True unless the codes are scanned through the linear decoder (:meth:`search_index`)."""
-        return self._linear_layout() is None
+        """True unless the codes are scanned through the linear decoder (:attr:`scanner`)."""
+        return self.scanner is None
 
     @torch.inference_mode()
     def _decode_linear(self, codes: np.ndarray) -> np.ndarray:
@@ -352,18 +353,6 @@ class PQVAECodec(Codec):
         quantised = self.model.codebook[indices].reshape(len(indices), -1)
         decoded: np.ndarray = self.model.decoder(quantised).numpy()
         return decoded
-
-    def _linear_layout(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """``(Wᵀ (m, d), centroids (M, K, e))`` float32 for the principal encoder's decoder
-        ``W (ẑ + β)``: sub-quantiser ``j``'s centroids are the shared codebook shifted by ``β_j``;
-        None for the MLP decoder."""
-        decoder, config = self.model.decoder, self.model.config
-        if not isinstance(decoder, ShiftedLinear):
-            return None
-        weight = decoder.linear.weight.detach().numpy()  # (d, m)
-        shift = decoder.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)
-        centroids = self.model.codebook.detach().numpy()[None] + shift  # (M, K, e)
-        return np.ascontiguousarray(weight.T, dtype=np.float32), np.ascontiguousarray(centroids, dtype=np.float32)
 
     def describe(self) -> str:
         """E.g. ``pqvae 64 bits (8 x 256-word shared codebook)``."""
