@@ -11,5 +11,7 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null; 
         || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; }
 fi
 
+# torch and torchvision are pinned together: PyPI's torchvision only imports beside its matching torch.
+python3 -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python3 -m pip install -q -e ".[dev]"
 echo "semdb is installed: try 'semdb demo'"

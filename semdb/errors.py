@@ -38,3 +38,27 @@ class NotReadyError(SemdbError):
 
 class DatasetMissingError(SemdbError, FileNotFoundError):
     """A data set needed by the demo, training or evaluation is not installed."""
+
+
+class NotASemdbDatabaseError(SemdbError):
+    """A file is not a semdb database (not SQLite at all, or someone else's SQLite file)."""
+
+
+class DatabaseDamagedError(SemdbError):
+    """A semdb database (or something stored in it, such as a codec state) is damaged."""
+
+
+class ReadOnlyDatabaseError(SemdbError, PermissionError):
+    """A command needs to write a database that this process may only read."""
+
+
+class SchemaVersionError(SemdbError):
+    """The database's schema is older or newer than this semdb's."""
+
+
+class DatabaseLockedError(SemdbError):
+    """Another writer held the database's write lock for longer than the wait allows."""
+
+
+class DiskFullError(SemdbError, OSError):
+    """The disk (or the database's size limit) filled up during a write; committed data is kept."""
