@@ -229,52 +229,35 @@ def run_scale(
 
 
 def build_database(path: Path, codes: np.ndarray, codec: Codec, n_train: int) -> None:
-    """A semdb database at ``path`` holding ``codes`` ``(n, 16)`` uint8, rows inserted via the store models."""
-    from sqlalchemy import insert
+    """A semdb database at ``path`` holding ``codes`` ``(n, 16)`` uint8, written through the store's repository."""
+    from semdb.store import STATUS_INDEXED, Store
 
-    from semdb import connect
-    from semdb.store import STATUS_INDEXED, Code, CodecRecord, Content, ImageRecord, Setting
-
-    db = connect(path, model="synthetic-512d", codec="pq", bits=BITS)
     n = len(codes)
-    with db.store.transaction() as session:
-        session.merge(Setting(key="dim", value=str(DIM)))
-        record = CodecRecord(
-            name="pq",
-            bits_per_image=BITS,
-            dim=DIM,
-            state=codec.to_bytes(),
-            trained_on=n_train,
+    store = Store.open(path, write=True, create=True)
+    with store.writing() as repository:
+        repository.set_settings(
+            {"model": "synthetic-512d", "codec": "pq", "bits_per_image": str(BITS), "dim": str(DIM)}
         )
-        session.add(record)
-        session.flush()
-        session.execute(
-            insert(Content),
-            [
-                {"id": i + 1, "sha256": hashlib.sha256(str(i).encode()).hexdigest(), "width": 640, "height": 480}
-                for i in range(n)
-            ],
-        )
-        session.execute(
-            insert(Code),
-            [{"content_id": i + 1, "codec_id": record.id, "code": codes[i].tobytes()} for i in range(n)],
-        )
-        session.execute(
-            insert(ImageRecord),
+        codec_id = repository.add_active_codec("pq", BITS, DIM, codec.to_bytes(), trained_on=n_train)
+        hashes = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(n)]
+        content_ids = repository.add_contents([(sha, 640, 480) for sha in hashes])
+        ids = [content_ids[sha] for sha in hashes]
+        repository.add_codes(ids, codec_id, codes)
+        repository.add_images(
             [
                 {
-                    "id": i + 1,
                     "path": f"/photos/{i // 1000:03d}/img_{i:07d}.jpg",
-                    "content_id": i + 1,
+                    "content_id": ids[i],
                     "size": 100_000,
                     "mtime_ns": 0,
                     "status": STATUS_INDEXED,
+                    "error": None,
                 }
                 for i in range(n)
-            ],
+            ]
         )
-        db._bump_generation(session)
-    db.close()
+        repository.record_change()
+    store.close()
 
 
 _CHILD_RSS = """

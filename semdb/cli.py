@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,9 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from semdb.codecs import DEFAULT_CODEC, list_codecs
-from semdb.codecs.base import check_bits
 from semdb.database import DB_ENV_VAR, DEFAULT_BITS, DEFAULT_DB_FILENAME, SearchResult, connect, default_database_path
-from semdb.encoder import BUNDLED_MODEL, DEFAULT_MODEL, load_encoder
+from semdb.encoder import BUNDLED_MODEL, DEFAULT_MODEL
 from semdb.errors import SemdbError
 from semdb.images import DEFAULT_MAX_PIXELS
 
@@ -60,15 +58,19 @@ def _positive_int(text: str) -> int:
 # --- ingest -------------------------------------------------------------------------------------
 
 
+def _tell_waiting(message: str) -> None:
+    stderr.print(message, highlight=False, markup=False)
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
-    location = args.db or default_database_path()
-    encoder = None
-    if "://" not in location and not os.path.exists(location):
-        # A new database: load the model first, so that an unavailable model leaves no empty file behind.
-        if args.bits is not None:
-            check_bits(args.bits)
-        encoder = load_encoder(args.model or DEFAULT_MODEL, device=args.device)
-    db = connect(location, model=args.model, codec=args.codec, bits=args.bits, device=args.device, encoder=encoder)
+    db = connect(
+        args.db or default_database_path(),
+        model=args.model,
+        codec=args.codec,
+        bits=args.bits,
+        device=args.device,
+        on_wait=_tell_waiting,
+    )
     with db:
         report = db.ingest(
             args.paths,
@@ -235,6 +237,34 @@ def _add_stats(subparsers: Any) -> None:
     parser.set_defaults(handler=_cmd_stats)
 
 
+# --- migrate ------------------------------------------------------------------------------------
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    with connect(args.db or default_database_path(), create=False) as db:
+        db.migrate()
+        revision = db.setting("format")
+    if args.json:
+        _print_json({"database": db.location, "format": revision, "up_to_date": True})
+    else:
+        stdout.print(f"{db.location}: schema up to date", highlight=False)
+    return 0
+
+
+def _add_migrate(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "migrate",
+        help="upgrade a database made by an older semdb",
+        description="Apply the schema migrations this semdb has and the database lacks (ingest does it too). "
+        "Other commands never write to a database, so they refuse one whose schema is behind.",
+        epilog="example:\n  semdb migrate --db photos.semdb",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_db_option(parser)
+    _add_json_option(parser)
+    parser.set_defaults(handler=_cmd_migrate)
+
+
 # --- commands that live in their own modules ----------------------------------------------------
 
 _MODULE_COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -290,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(subparsers)
     _add_search(subparsers)
     _add_stats(subparsers)
+    _add_migrate(subparsers)
     for name in _MODULE_COMMANDS:
         _add_module_command(subparsers, name)
     return parser

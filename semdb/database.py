@@ -7,36 +7,37 @@ with nonsense. The CLI is a thin shell over this module.
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select, text
-from sqlalchemy.orm import Session
 
-from semdb.codecs import DEFAULT_CODEC, Codec, codec_class, load_codec
+from semdb.codecs import DEFAULT_CODEC, Codec, codec_class, load_codec, train_codec
 from semdb.codecs.base import check_bits
-from semdb.cosine import CosineIndex
 from semdb.encoder import DEFAULT_MODEL, Encoder, load_encoder
-from semdb.errors import DatabaseNotFoundError, InvalidArgumentError, ModelMismatchError, NotReadyError
-from semdb.images import DEFAULT_MAX_PIXELS, load_image
-from semdb.index import SearchIndex, cache_path, flat_index, load_cache, save_cache
-from semdb.ingest import DEFAULT_BATCH_SIZE, DEFAULT_TRAIN_SIZE, CodecState, Ingestor, IngestReport, resolve_roots
-from semdb.store import (
-    STATUS_INDEXED,
-    STATUS_SKIPPED,
-    Code,
-    CodecRecord,
-    Content,
-    ImageRecord,
-    Setting,
-    StagedEmbedding,
-    Store,
+from semdb.errors import (
+    DatabaseDamagedError,
+    DatabaseNotFoundError,
+    InvalidArgumentError,
+    ModelMismatchError,
+    NotReadyError,
+    SchemaVersionError,
 )
+from semdb.images import DEFAULT_MAX_PIXELS, load_image
+from semdb.index import SearchIndex, cache_path, current_index
+from semdb.ingest import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_TRAIN_SIZE,
+    BatchWriter,
+    CodecChoice,
+    Ingestor,
+    IngestReport,
+    resolve_roots,
+)
+from semdb.store import CodecRow, Counts, Repository, Store
 
 DEFAULT_BITS = 128
 DEFAULT_DB_FILENAME = "semdb.semdb"
@@ -83,7 +84,12 @@ class Stats:
 
 
 class Database:
-    """A semdb database: one SQLite file (or SQLAlchemy URL), one model, one codec."""
+    """A semdb database: one SQLite file (or SQLAlchemy URL), one model, one codec.
+
+    Opening never writes: an existing database is opened read-only (so a read-only file can be
+    searched, and a file that is not semdb's is refused untouched); a new one is created, and an
+    old one migrated, by the first :meth:`ingest`.
+    """
 
     def __init__(
         self,
@@ -95,97 +101,95 @@ class Database:
         device: str | None = None,
         create: bool = True,
         encoder: Encoder | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ) -> None:
         location = os.fspath(location)
-        if "://" in location:
-            self.url = location
-            self.path: Path | None = None
-        else:
-            self.path = Path(location).expanduser()
-            if not self.path.exists():
-                if not create:
-                    raise DatabaseNotFoundError(
-                        f"database {self.path} does not exist; create it with `semdb ingest PATH --db {self.path}`"
-                    )
-                if not self.path.parent.is_dir():
-                    raise InvalidArgumentError(f"folder {self.path.parent} does not exist; create it first")
-            self.url = f"sqlite:///{self.path}"
+        self.url = location if "://" in location else None
+        self.path: Path | None = None if self.url is not None else Path(location).expanduser()
         self.device = device
+        self.on_wait = on_wait
         self._encoder = encoder
         self._index: SearchIndex | None = None
-        self._codec_cache: tuple[int, Codec] | None = None
-        # Validate before the store exists, so that a mistake never leaves an empty database behind.
+        self._codecs: dict[int, Codec] = {}
+        # Validate before anything is opened, so that a mistake never leaves a database behind.
         if bits is not None:
             check_bits(bits)
         if codec is not None:
             codec_class(codec)  # raises with the valid names
-        self.store = Store(self.url)
-        self._bind(model if model is not None else (encoder.spec if encoder is not None else None), codec, bits)
+        self._wanted = {
+            "model": model if model is not None else (encoder.spec if encoder is not None else None),
+            "codec": codec,
+            "bits_per_image": str(bits) if bits is not None else None,
+        }
+        self._store: Store | None = None
+        if self.path is not None and not self.path.exists():
+            if not create:
+                raise DatabaseNotFoundError(
+                    f"database {self.path} does not exist; create it with `semdb ingest PATH --db {self.path}`"
+                )
+            if not self.path.parent.is_dir():
+                raise InvalidArgumentError(f"folder {self.path.parent} does not exist; create it first")
+            return
+        try:
+            self._store = Store.open(location)
+        except SchemaVersionError as error:
+            if not (error.older and create):
+                raise
+            return  # an older schema: the first ingest migrates it
+        with self._store.reading() as repository:
+            self._check_binding(repository)
 
     # --- settings -------------------------------------------------------------------------------
 
-    def _settings(self, session: Session) -> dict[str, str]:
-        return dict(session.execute(select(Setting.key, Setting.value)).all())
-
-    def _bind(self, model: str | None, codec: str | None, bits: int | None) -> None:
-        """Record the model, codec and bits on first use; refuse different ones afterwards.
+    def _check_binding(self, repository: Repository) -> dict[str, str]:
+        """Refuse a model, codec or bits other than the database's; returns the settings to record.
 
         The codec and bits may still change until the codec is trained (nothing is coded yet).
         """
-        with self.store.transaction() as session:
-            settings = self._settings(session)
-            stored_model = settings.get("model")
-            if model is not None and stored_model is not None and model != stored_model:
+        settings = repository.settings()
+        model = self._wanted["model"]
+        stored_model = settings.get("model")
+        if model is not None and stored_model is not None and model != stored_model:
+            raise ModelMismatchError(
+                f"database {self.location} was built with model {stored_model!r}, not {model!r}; "
+                f"omit --model or pass --model {stored_model}"
+            )
+        active = repository.active_codec()
+        trained = {"codec": active.name, "bits_per_image": str(active.bits_per_image)} if active else {}
+        to_record: dict[str, str] = {}
+        for key in ("codec", "bits_per_image"):
+            value = self._wanted[key]
+            if value is None or value == trained.get(key, settings.get(key)):
+                continue
+            if key in trained:
                 raise ModelMismatchError(
-                    f"database {self.location} was built with model {stored_model!r}, not {model!r}; "
-                    f"omit --model or pass --model {stored_model}"
+                    f"database {self.location} already uses {key.replace('_', ' ')} {trained[key]}, not {value}; "
+                    "a database has one codec: use another --db for another setting"
                 )
-            record = self._latest_codec(session)
-            trained = {"codec": record.name, "bits_per_image": str(record.bits_per_image)} if record else {}
-            wanted = {"codec": codec, "bits_per_image": str(bits) if bits is not None else None}
-            for key, value in wanted.items():
-                stored = trained.get(key, settings.get(key))
-                if value is None or value == stored:
-                    continue
-                if key in trained:
-                    raise ModelMismatchError(
-                        f"database {self.location} already uses {key.replace('_', ' ')} {stored}, not {value}; "
-                        "a database has one codec: use another --db for another setting"
-                    )
-                session.merge(Setting(key=key, value=value))
-            if model is not None and stored_model is None:
-                session.merge(Setting(key="model", value=model))
-            if "generation" not in settings:
-                session.merge(Setting(key="generation", value="0"))
-
-    @staticmethod
-    def _latest_codec(session: Session) -> CodecRecord | None:
-        """The codec in use: the most recently trained one (None before training)."""
-        return session.scalars(select(CodecRecord).order_by(CodecRecord.id.desc()).limit(1)).first()
+            to_record[key] = value
+        return to_record
 
     @property
     def location(self) -> str:
         """The database file path, or its URL."""
-        return str(self.path) if self.path is not None else self.url
+        return str(self.path) if self.path is not None else str(self.url)
+
+    @property
+    def store(self) -> Store | None:
+        """The open store (None until a new database is first written)."""
+        return self._store
 
     def setting(self, key: str) -> str | None:
         """One stored setting (``model``, ``codec``, ``bits_per_image``, ``generation``...)."""
-        with self.store.session() as session:
-            setting = session.get(Setting, key)
-            return setting.value if setting is not None else None
+        if self._store is None:
+            return None
+        with self._store.reading() as repository:
+            return repository.setting(key)
 
     @property
     def model_spec(self) -> str:
-        """The model the database is bound to (the default model if nothing is bound yet)."""
-        return self.setting("model") or DEFAULT_MODEL
-
-    @staticmethod
-    def _bump_generation(session: Session) -> None:
-        current = session.get(Setting, "generation")
-        if current is None:
-            session.add(Setting(key="generation", value="1"))
-        else:
-            current.value = str(int(current.value) + 1)
+        """The model the database is bound to (else the one asked for, else the default model)."""
+        return self.setting("model") or self._wanted["model"] or DEFAULT_MODEL
 
     # --- model and codec ------------------------------------------------------------------------
 
@@ -196,26 +200,33 @@ class Database:
             self._encoder = load_encoder(self.model_spec, device=self.device)
         return self._encoder
 
-    def _codec_state(self) -> CodecState:
-        with self.store.session() as session:
-            settings = self._settings(session)
-            record = self._latest_codec(session)
-        name = settings.get("codec", DEFAULT_CODEC)
-        bits = int(settings.get("bits_per_image", DEFAULT_BITS))
-        if record is None:
-            return CodecState(name, bits, None, None)
-        return CodecState(record.name, record.bits_per_image, self._load_codec(record), record.id)
-
-    def _load_codec(self, record: CodecRecord) -> Codec:
-        if self._codec_cache is None or self._codec_cache[0] != record.id:
-            self._codec_cache = (record.id, load_codec(record.name, record.state))
-        return self._codec_cache[1]
+    def _load_codec(self, row: CodecRow) -> Codec:
+        """The stored codec ``row``, deserialised once per process and checked against its record."""
+        if row.id not in self._codecs:
+            codec = load_codec(row.name, row.state)
+            if (codec.dim, codec.bits_per_image) != (row.dim, row.bits_per_image):
+                raise DatabaseDamagedError(
+                    f"{self.location} is damaged: codec {row.id} says {row.dim}-d at {row.bits_per_image} bits, "
+                    f"its state is {codec.dim}-d at {codec.bits_per_image} bits"
+                )
+            self._codecs[row.id] = codec
+        return self._codecs[row.id]
 
     # --- ingest ---------------------------------------------------------------------------------
 
+    def _writable_store(self) -> Store:
+        """The store opened for writing: created, or migrated, here if need be."""
+        if self._store is None or not self._store.writable:
+            store = Store.open(self.url or str(self.path), write=True, create=True, on_wait=self.on_wait)
+            if self._store is not None:
+                self._store.close()
+            self._store = store
+        self._store.on_wait = self.on_wait
+        return self._store
+
     def ingest(
         self,
-        paths: Sequence[str | os.PathLike[str]],
+        paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
         *,
         prune: bool = False,
         progress: bool = False,
@@ -223,90 +234,60 @@ class Database:
         train_size: int = DEFAULT_TRAIN_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> IngestReport:
-        """Ingest image files and folders (recursively); bad files are skipped and reported.
+        """Ingest image files and folders (one path or several; folders recursively).
 
-        ``train_size``: embeddings staged before the codec is trained (it is also trained when the
-        ingest ends with fewer).
+        Bad files are skipped and reported. ``train_size``: embeddings staged before the codec is
+        trained (it is also trained when the ingest ends with fewer). Every argument is checked, and
+        every path must exist, before anything is read or created.
         """
-        if not paths:
-            raise InvalidArgumentError("nothing to ingest: give at least one file or folder")
         if batch_size < 1 or train_size < 1 or max_pixels < 1:
             raise InvalidArgumentError("batch size, train size and max pixels must be positive")
+        roots = resolve_roots(paths)
         encoder = self.encoder
-        with self.store.transaction() as session:
-            stored_dim = session.get(Setting, "dim")
-            if stored_dim is not None and int(stored_dim.value) != encoder.dim:
+        store = self._writable_store()
+        with store.writing() as repository:
+            to_record = self._check_binding(repository)
+            settings = repository.settings()
+            if "dim" in settings and int(settings["dim"]) != encoder.dim:
                 raise ModelMismatchError(
                     f"model {encoder.spec} gives {encoder.dim}-d embeddings; database {self.location} holds "
-                    f"{stored_dim.value}-d ones"
+                    f"{settings['dim']}-d ones"
                 )
-            session.merge(Setting(key="dim", value=str(encoder.dim)))
-            session.merge(Setting(key="model", value=encoder.spec))
-        ingestor = Ingestor(
-            self.store,
-            encoder,
-            self._codec_state(),
-            batch_size=batch_size,
+            if "model" not in settings:
+                to_record["model"] = encoder.spec
+            if "dim" not in settings:
+                to_record["dim"] = str(encoder.dim)
+            if to_record:
+                repository.set_settings(to_record)
+            settings.update(to_record)
+        report = IngestReport()
+        writer = BatchWriter(
+            store,
+            CodecChoice(settings.get("codec", DEFAULT_CODEC), int(settings.get("bits_per_image", DEFAULT_BITS))),
             train_size=train_size,
-            max_pixels=max_pixels,
-            on_change=self._bump_generation,
+            dim=encoder.dim,
+            train_codec=lambda name, embeddings, bits: train_codec(name, embeddings, bits),
+            load_codec=self._load_codec,
+            report=report,
         )
-        roots = resolve_roots(paths)
+        ingestor = Ingestor(store, encoder, writer, batch_size=batch_size, max_pixels=max_pixels)
         if not progress:
-            report = ingestor.run(roots, prune=prune)
+            ingestor.run(roots, prune=prune)
         else:
             from semdb.progress import ingest_progress
 
             with ingest_progress() as (advance, set_total):
-                report = ingestor.run(roots, prune=prune, progress=advance, set_total=set_total)
-        self._index = None
+                ingestor.run(roots, prune=prune, progress=advance, set_total=set_total)
         return report
 
     # --- search ---------------------------------------------------------------------------------
 
-    def _store_tag(self, session: Session) -> str:
-        settings = self._settings(session)
-        record_id = session.scalar(select(func.max(CodecRecord.id)))
-        return f"generation={settings.get('generation', '0')};codec={record_id}"
-
     def index(self) -> SearchIndex:
-        """The search index, from memory, from the cache file if its tag matches, or rebuilt."""
-        with self.store.session() as session:
-            tag = self._store_tag(session)
-            if self._index is not None and self._index.tag == tag:
-                return self._index
-            staged_rows = session.execute(
-                select(ImageRecord.id, StagedEmbedding.embedding)
-                .join(StagedEmbedding, StagedEmbedding.content_id == ImageRecord.content_id)
-                .where(ImageRecord.status == STATUS_INDEXED)
-                .order_by(ImageRecord.id)
-            ).all()
-            dim = int(self._settings(session).get("dim", 0))
-            cached = load_cache(cache_path(self.path), tag) if self.path is not None else None
-            if cached is None:
-                rows = session.execute(
-                    select(ImageRecord.id, Code.code)
-                    .join(Code, Code.content_id == ImageRecord.content_id)
-                    .where(ImageRecord.status == STATUS_INDEXED)
-                    .order_by(ImageRecord.id)
-                ).all()
-        staged_ids = np.array([row[0] for row in staged_rows], dtype=np.int64)
-        staged = np.frombuffer(b"".join(row[1] for row in staged_rows), dtype=np.float32).reshape(len(staged_rows), dim)
-        coded_index: CosineIndex | None
-        if cached is not None:
-            coded_index, coded_ids = cached
-        else:
-            # Only a rebuild needs the codec itself (deserialised from the store).
-            codec = self._codec_state().codec
-            code_size = codec.code_size if codec is not None else 0
-            coded_ids = np.array([row[0] for row in rows], dtype=np.int64)
-            codes = np.frombuffer(b"".join(row[1] for row in rows), dtype=np.uint8).reshape(len(rows), code_size)
-            coded_index = codec.cosine_index(codes) if codec is not None and len(codes) else None
-        self._index = SearchIndex(tag, coded_index, coded_ids, flat_index(staged), staged_ids)
-        if cached is None and self.path is not None:
-            # The cache is an optimisation: a read-only folder must not break search.
-            with contextlib.suppress(OSError):
-                save_cache(self._index, cache_path(self.path), mode=self.path.stat().st_mode & 0o666)
+        """The search index of the database's current state (see :func:`semdb.index.current_index`)."""
+        if self._store is None:
+            return SearchIndex("", [], None, np.empty(0, np.int64))
+        cache_file = cache_path(self.path) if self.path is not None else None
+        self._index = current_index(self._store, self._index, cache_file, self._load_codec)
         return self._index
 
     def search_vectors(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
@@ -314,14 +295,11 @@ class Database:
         if k < 1:
             raise InvalidArgumentError(f"k must be at least 1, got {k}")
         index = self.index()
-        if index.size == 0:
+        if index.size == 0 or self._store is None:
             raise NotReadyError(f"database {self.location} has no searchable images yet; run `semdb ingest` first")
         scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        wanted = sorted({int(i) for i in ids.ravel() if i >= 0})
-        with self.store.session() as session:
-            paths = dict(
-                session.execute(select(ImageRecord.id, ImageRecord.path).where(ImageRecord.id.in_(wanted))).all()
-            )
+        with self._store.reading() as repository:
+            paths = repository.image_paths(int(i) for i in ids.ravel() if i >= 0)
         return [
             [
                 SearchResult(int(image_id), paths[int(image_id)], float(score))
@@ -352,20 +330,17 @@ class Database:
 
     def stats(self) -> Stats:
         """Counts, bits per image, model and codec."""
-        with self.store.session() as session:
-            settings = self._settings(session)
-
-            def count(statement: Any) -> int:
-                return int(session.scalar(statement) or 0)
-
-            images = count(select(func.count()).select_from(ImageRecord).where(ImageRecord.status == STATUS_INDEXED))
-            skipped = count(select(func.count()).select_from(ImageRecord).where(ImageRecord.status == STATUS_SKIPPED))
-            staged = count(select(func.count()).select_from(StagedEmbedding))
-            contents = count(select(func.count()).select_from(Content))
-            record = self._latest_codec(session)
+        settings: dict[str, str] = {}
+        counts = Counts(0, 0, 0, 0)
+        active = None
+        if self._store is not None:
+            with self._store.reading() as repository:
+                settings = repository.settings()
+                counts = repository.counts()
+                active = repository.active_codec()
         bits = (
-            record.bits_per_image
-            if record
+            active.bits_per_image
+            if active
             else (int(settings["bits_per_image"]) if "bits_per_image" in settings else None)
         )
         database_bytes = 0
@@ -376,36 +351,37 @@ class Database:
                     database_bytes += candidate.stat().st_size
         return Stats(
             path=self.location,
-            images=images,
-            skipped=skipped,
-            staged=staged,
-            distinct_contents=contents,
+            images=counts.indexed,
+            skipped=counts.skipped,
+            staged=counts.staged,
+            distinct_contents=counts.contents,
             bits_per_image=bits,
             bytes_per_image=bits / 8 if bits else None,
             model=settings.get("model"),
-            codec=record.name if record else settings.get("codec"),
-            codec_trained_on=record.trained_on if record else None,
+            codec=active.name if active else settings.get("codec"),
+            codec_trained_on=active.trained_on if active else None,
             database_bytes=database_bytes,
         )
 
     def skipped(self) -> list[tuple[str, str]]:
         """Every file recorded as skipped, with its reason."""
-        with self.store.session() as session:
-            return [
-                (path, error or "")
-                for path, error in session.execute(
-                    select(ImageRecord.path, ImageRecord.error).where(ImageRecord.status == STATUS_SKIPPED)
-                ).all()
-            ]
+        if self._store is None:
+            return []
+        with self._store.reading() as repository:
+            return repository.skipped()
 
     def integrity_check(self) -> str:
         """SQLite's ``PRAGMA integrity_check`` result (``"ok"`` when healthy)."""
-        with self.store.engine.connect() as connection:
-            return str(connection.execute(text("PRAGMA integrity_check")).scalar())
+        return self._store.integrity_check() if self._store is not None else "ok"
+
+    def migrate(self) -> None:
+        """Bring the database's schema up to this semdb's (what the first ingest also does)."""
+        self._writable_store()
 
     def close(self) -> None:
         """Release the database connections."""
-        self.store.close()
+        if self._store is not None:
+            self._store.close()
 
     def __enter__(self) -> Database:
         return self
@@ -423,12 +399,15 @@ def connect(
     device: str | None = None,
     create: bool = True,
     encoder: Encoder | None = None,
+    on_wait: Callable[[str], None] | None = None,
 ) -> Database:
     """Open (or create) a semdb database.
 
     ``location``: a file path (default ``$SEMDB_DB`` or ``./semdb.semdb``) or a SQLAlchemy URL.
     ``model``/``codec``/``bits`` bind a new database and must match an existing one.
     ``encoder``: an already-loaded encoder (e.g. a fake one in tests), used instead of ``model``.
+    ``on_wait``: called with a message when a write has queued behind another writer for a while.
+    Opening writes nothing; the first :meth:`Database.ingest` creates or upgrades the database.
     """
     return Database(
         location if location is not None else default_database_path(),
@@ -438,4 +417,5 @@ def connect(
         device=device,
         create=create,
         encoder=encoder,
+        on_wait=on_wait,
     )

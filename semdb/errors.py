@@ -53,7 +53,11 @@ class ReadOnlyDatabaseError(SemdbError, PermissionError):
 
 
 class SchemaVersionError(SemdbError):
-    """The database's schema is older or newer than this semdb's."""
+    """The database's schema is older (``older``) or newer than this semdb's."""
+
+    def __init__(self, message: str, *, older: bool = False) -> None:
+        super().__init__(message)
+        self.older = older
 
 
 class DatabaseLockedError(SemdbError):

@@ -12,7 +12,7 @@ from semdb import cosine
 from semdb.codecs import train_codec
 from semdb.codecs.pqvae import PQVAECodec
 from semdb.cosine import CosineIndex, inverse_norms
-from semdb.index import SearchIndex, load_cache, save_cache
+from semdb.index import CodedGroup, SearchIndex, load_cache, save_cache
 
 
 def brute_force_cosine(items: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,11 +105,14 @@ def test_index_cache_keeps_every_part(tmp_path: Path, monkeypatch: pytest.Monkey
     coded = codec.cosine_index(codec.encode(x))
     assert len(coded.parts) == 4
     ids = np.arange(1000, 2200, dtype=np.int64)
-    original = SearchIndex("generation=7;codec=1", coded, ids, None, np.empty(0, np.int64))
+    original = SearchIndex("db:7:token", [CodedGroup(1, coded, ids)], None, np.empty(0, np.int64))
     save_cache(original, tmp_path / "db.index")
-    assert load_cache(tmp_path / "db.index", "generation=8;codec=1") is None  # stale tag
-    loaded = load_cache(tmp_path / "db.index", "generation=7;codec=1")
+    expected = {1: (1200, 16)}
+    assert load_cache(tmp_path / "db.index", "db:8:other", expected) is None  # stale tag
+    assert load_cache(tmp_path / "db.index", "db:7:token", {1: (1199, 16)}) is None  # store holds other rows
+    assert load_cache(tmp_path / "db.index", "db:7:token", {2: (1200, 16)}) is None  # another codec
+    loaded = load_cache(tmp_path / "db.index", "db:7:token", expected)
     assert loaded is not None
-    restored = SearchIndex("generation=7;codec=1", loaded[0], loaded[1], None, np.empty(0, np.int64))
+    restored = SearchIndex("db:7:token", loaded, None, np.empty(0, np.int64))
     for got, want in zip(restored.search(x[:20], 15), original.search(x[:20], 15), strict=True):
         np.testing.assert_array_equal(got, want)

@@ -14,6 +14,7 @@ from conftest import COLOURS, FakeEncoder, write_colour_images
 from PIL import Image
 
 import semdb
+from semdb.codecs import Codec, load_codec
 from semdb.errors import DatabaseNotFoundError, InvalidArgumentError, ModelMismatchError, NotReadyError
 from semdb.index import cache_path
 
@@ -21,6 +22,14 @@ from semdb.index import cache_path
 def code_lengths(db_path: Path) -> list[int]:
     with sqlite3.connect(db_path) as connection:
         return [row[0] for row in connection.execute("SELECT length(code) FROM codes")]
+
+
+def active_codec(db: semdb.Database) -> Codec | None:
+    """The database's trained codec, loaded from its stored state."""
+    assert db.store is not None
+    with db.store.reading() as repository:
+        row = repository.active_codec()
+    return load_codec(row.name, row.state) if row is not None else None
 
 
 def colour_of(path: str) -> str:
@@ -140,12 +149,12 @@ def test_staged_embeddings_are_searchable_before_the_codec_exists(
     folder, labels = colour_folder
     db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=32)
     # A run killed before training leaves staged embeddings; simulate it by skipping the final training.
-    ingestor_finish = semdb.ingest.Ingestor.finish_training
+    ingestor_finish = semdb.ingest.BatchWriter.finish_training
     try:
-        semdb.ingest.Ingestor.finish_training = lambda self: None  # type: ignore[method-assign]
+        semdb.ingest.BatchWriter.finish_training = lambda self: None  # type: ignore[method-assign]
         db.ingest([folder])
     finally:
-        semdb.ingest.Ingestor.finish_training = ingestor_finish  # type: ignore[method-assign]
+        semdb.ingest.BatchWriter.finish_training = ingestor_finish  # type: ignore[method-assign]
     assert db.stats().staged == len(labels)
     assert {colour_of(hit.path) for hit in db.search("green", k=6)} == {"green"}
     db.ingest([folder])  # the next run trains the codec and codes what was staged
@@ -226,7 +235,7 @@ def test_search_ranks_coded_images_by_cosine_to_their_reconstructions(tmp_path: 
     db = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=8)
     # 2 x 16 k-means centroids of 64 images: centroids are averages, shorter than the embeddings.
     db.ingest([folder], batch_size=16, train_size=64)
-    codec = db._codec_state().codec
+    codec = active_codec(db)
     assert codec is not None
     with sqlite3.connect(tmp_path / "db.semdb") as connection:
         rows = connection.execute(
@@ -251,7 +260,7 @@ def test_principal_axis_codecs_serve_a_database_from_their_codes(tmp_path: Path,
     db_path = tmp_path / "db.semdb"
     db = semdb.connect(db_path, encoder=FakeEncoder(), codec=codec_name, bits=16)
     db.ingest([folder], batch_size=16, train_size=64)
-    codec = db._codec_state().codec
+    codec = active_codec(db)
     assert codec is not None and codec.name == codec_name
     with sqlite3.connect(db_path) as connection:
         rows = connection.execute(

@@ -1,0 +1,68 @@
+"""Building the search index from the store, through the cache when it can be trusted."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from semdb.codecs import Codec
+from semdb.errors import DatabaseDamagedError
+from semdb.index.cache import load_cache, save_cache
+from semdb.index.search_index import CodedGroup, SearchIndex, flat_index
+from semdb.store import CodecRow, Store
+
+
+def current_index(
+    store: Store,
+    previous: SearchIndex | None,
+    cache_file: Path | None,
+    load_codec: Callable[[CodecRow], Codec],
+) -> SearchIndex:
+    """The index of the store's current state: ``previous`` if still current, else the cache, else rebuilt.
+
+    Everything is read in one snapshot, so the index matches one committed state, never half a
+    batch. Each group of codes is searched through the codec that made it (``load_codec``). A
+    rebuilt index is written to ``cache_file`` when the folder allows (the cache is an optimisation:
+    a read-only folder must not break search).
+    """
+    with store.reading() as repository:
+        tag = repository.state_tag()
+        if previous is not None and previous.tag == tag:
+            return previous
+        dim = int(repository.setting("dim") or 0)
+        counts = repository.coded_counts()
+        codec_rows = {codec_id: repository.codec(codec_id) for codec_id in counts}
+        staged_ids, staged = repository.staged_images(dim) if dim else (np.empty(0, np.int64), np.empty((0, 0)))
+        expected = {
+            codec_id: (count, row.dim)
+            for codec_id, count in counts.items()
+            if (row := codec_rows[codec_id]) is not None
+        }
+        if len(expected) != len(counts):
+            raise DatabaseDamagedError(f"{store.location} is damaged: codes refer to a codec that is not stored")
+        groups = load_cache(cache_file, tag, expected) if cache_file is not None else None
+        raw: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if groups is None:
+            for codec_id, row in codec_rows.items():
+                assert row is not None  # checked above
+                try:
+                    raw[codec_id] = repository.coded_images(codec_id, row.bits_per_image // 8)
+                except ValueError:
+                    raise DatabaseDamagedError(
+                        f"{store.location} is damaged: a stored code does not have the length of codec {codec_id}"
+                    ) from None
+    if groups is None:
+        groups = []
+        for codec_id, (ids, codes) in raw.items():
+            row = codec_rows[codec_id]
+            assert row is not None
+            groups.append(CodedGroup(codec_id, load_codec(row).cosine_index(codes), ids))
+        index = SearchIndex(tag, groups, flat_index(staged), staged_ids)
+        if cache_file is not None and store.path is not None:
+            with contextlib.suppress(OSError):
+                save_cache(index, cache_file, mode=store.path.stat().st_mode & 0o666)
+        return index
+    return SearchIndex(tag, groups, flat_index(staged), staged_ids)

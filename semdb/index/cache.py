@@ -1,0 +1,159 @@
+"""The index cache file ``<database>.index``: written atomically, trusted only when everything matches.
+
+The file is an uncompressed ``.npz`` archive. It is used only if its tag equals the store's
+(database id, generation and random change token — see
+:meth:`~semdb.store.repository.Repository.record_change`), its sha256 checksum matches, and every
+array has the shape the store implies; anything else — missing, truncated, altered, another
+database's, built before a restore — makes the caller rebuild it. It is read without numpy's
+pickle support and without trusting the array headers for allocation sizes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from semdb.cosine import CosineIndex, CosinePart
+from semdb.index.search_index import CodedGroup, SearchIndex
+
+FORMAT = 2
+# A cache larger than this many bytes per expected row (plus a fixed allowance for codebooks and
+# transforms) is not even opened: nothing in a cache file may make semdb allocate without bound.
+MAX_BYTES_PER_ROW = 256
+FIXED_ALLOWANCE_BYTES = 256 * 1024 * 1024
+
+
+def cache_path(database_path: Path) -> Path:
+    """Where the index cache of a database file lives."""
+    return database_path.with_name(database_path.name + ".index")
+
+
+def _checksum(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    return np.frombuffer(digest.digest(), dtype=np.uint8)
+
+
+def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
+    """Write the coded groups of ``index`` to ``path`` atomically (temp file + rename).
+
+    ``mode``: the file's permissions; callers pass the database file's, so that whoever may read
+    the database may read its cache (a temp file would otherwise stay owner-only, 0600).
+    """
+    if not index.coded:
+        path.unlink(missing_ok=True)
+        return
+    arrays: dict[str, np.ndarray] = {
+        "format": np.array([FORMAT], dtype=np.int64),
+        "tag": np.frombuffer(index.tag.encode(), dtype=np.uint8),
+        "codec_ids": np.array([group.codec_id for group in index.coded], dtype=np.int64),
+    }
+    for number, group in enumerate(index.coded):
+        parts = group.index.parts
+        prefix = f"g{number}_"
+        arrays[prefix + "ids"] = group.ids.astype(np.int64)
+        arrays[prefix + "part_sizes"] = np.array([len(part.rows) for part in parts], dtype=np.int64)
+        arrays[prefix + "part_rows"] = np.concatenate([part.rows for part in parts]).astype(np.int64)
+        # An empty array stands for None: reconstructions already unit-norm.
+        arrays[prefix + "inverse_norms"] = np.concatenate(
+            [part.inverse_norms if part.inverse_norms is not None else np.empty(0, np.float32) for part in parts]
+        ).astype(np.float32)
+        for part_number, part in enumerate(parts):
+            arrays[f"{prefix}index_{part_number}"] = faiss.serialize_index(part.index)
+    arrays["checksum"] = _checksum(arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(buffer.getvalue())
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _read_npz(path: Path, max_bytes: int) -> dict[str, np.ndarray] | None:
+    """The arrays of an uncompressed npz at ``path``, each checked against its header; None if anything is off."""
+    if path.stat().st_size > max_bytes:
+        return None
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED or info.file_size > max_bytes:
+                return None
+            data = archive.read(info)  # checks the member's CRC
+            stream = io.BytesIO(data)
+            version = np.lib.format.read_magic(stream)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+            else:
+                return None
+            count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+            if fortran or dtype.hasobject or count * dtype.itemsize != len(data) - stream.tell():
+                return None
+            name = info.filename.removesuffix(".npy")
+            arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=stream.tell()).reshape(shape)
+    return arrays
+
+
+def load_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> list[CodedGroup] | None:
+    """The cached coded groups if ``path`` holds a trustworthy cache for this store state; else None.
+
+    ``expected``: codec id → ``(rows, dim)``: how many indexed images the store holds coded by
+    that codec, and the codec's dimension. A missing, unreadable, stale, foreign, altered or
+    mis-shaped cache is not an error: the caller rebuilds it.
+    """
+    rows_expected = sum(rows for rows, _ in expected.values())
+    try:
+        arrays = _read_npz(path, rows_expected * MAX_BYTES_PER_ROW + FIXED_ALLOWANCE_BYTES)
+    except Exception:  # a cache is disposable: any failure to read it means "rebuild"
+        return None
+    if arrays is None or "checksum" not in arrays:
+        return None
+    stored_checksum = arrays.pop("checksum")
+    try:
+        if not np.array_equal(stored_checksum, _checksum(arrays)):
+            return None
+        if arrays["format"].tolist() != [FORMAT] or bytes(arrays["tag"]).decode() != tag:
+            return None
+        codec_ids = [int(codec_id) for codec_id in arrays["codec_ids"]]
+        if sorted(codec_ids) != sorted(expected) or len(set(codec_ids)) != len(codec_ids):
+            return None
+        return [_group(arrays, number, codec_id, *expected[codec_id]) for number, codec_id in enumerate(codec_ids)]
+    except (KeyError, ValueError, UnicodeDecodeError, RuntimeError):
+        return None
+
+
+def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, rows: int, dim: int) -> CodedGroup:
+    """One coded group from the cache's arrays; ValueError when a shape disagrees with the store."""
+    prefix = f"g{number}_"
+    ids = arrays[prefix + "ids"].astype(np.int64)
+    sizes = arrays[prefix + "part_sizes"].astype(np.int64)
+    part_rows = arrays[prefix + "part_rows"].astype(np.int64)
+    inverse_norms = arrays[prefix + "inverse_norms"].astype(np.float32)
+    if ids.shape != (rows,) or sizes.ndim != 1 or (sizes < 0).any() or int(sizes.sum()) != rows:
+        raise ValueError("cache shape differs from the store")
+    if part_rows.shape != (rows,) or len(inverse_norms) not in (0, rows):
+        raise ValueError("cache shape differs from the store")
+    if not np.array_equal(np.sort(part_rows), np.arange(rows)):
+        raise ValueError("cache rows are not a permutation")
+    starts = np.cumsum(sizes)[:-1]
+    indexes = [faiss.deserialize_index(arrays[f"{prefix}index_{part}"]) for part in range(len(sizes))]
+    if any(index.ntotal != size or index.d != dim for index, size in zip(indexes, sizes, strict=True)):
+        raise ValueError("cache index shape differs from the store")
+    inverse = np.split(inverse_norms, starts) if len(inverse_norms) else [None] * len(sizes)
+    parts = [CosinePart(*part) for part in zip(indexes, np.split(part_rows, starts), inverse, strict=True)]
+    return CodedGroup(codec_id, CosineIndex(parts), ids)

@@ -1,0 +1,223 @@
+"""The write side of ingest: each batch in one transaction under the write lock, and the once-only codec step.
+
+Everything a writer decides from the database's contents — which contents are new, which paths
+already have records, whether a codec exists — is decided again inside the write transaction, so
+it still holds at commit however many writers run: duplicate content from two writers is
+deduplicated, a path is never inserted twice, and the codec is trained by exactly one of them.
+A writer that finds a codec trained by another adopts it and codes its own embeddings with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from semdb.codecs import Codec
+from semdb.ingest.report import IngestReport
+from semdb.store import STATUS_INDEXED, STATUS_SKIPPED, CodecRow, ImageRow, Repository, Store
+
+
+@dataclass
+class Prepared:
+    """A file read, hashed and decoded (or the reason it could not be)."""
+
+    path: str
+    size: int | None
+    mtime_ns: int | None
+    sha256: str | None = None
+    image: Image.Image | None = None
+    original_size: tuple[int, int] | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class CodecChoice:
+    """The codec a database is to be trained with, when nobody has trained one yet."""
+
+    name: str
+    bits_per_image: int
+
+
+# (codec name, embeddings (n, d) float32, bits per image) → a trained codec.
+TrainCodec = Callable[[str, np.ndarray, int], Codec]
+LoadCodec = Callable[[CodecRow], Codec]
+
+
+class BatchWriter:
+    """Commits ingest batches to ``store`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        choice: CodecChoice,
+        *,
+        train_size: int,
+        dim: int,
+        train_codec: TrainCodec,
+        load_codec: LoadCodec,
+        report: IngestReport,
+    ) -> None:
+        self.store = store
+        self.choice = choice
+        self.train_size = train_size
+        self.dim = dim
+        self.train_codec = train_codec
+        self.load_codec = load_codec
+        self.report = report
+        self.codec: Codec | None = None
+        self.codec_id: int | None = None
+
+    # --- the codec --------------------------------------------------------------------------------
+
+    def _adopt(self, repository: Repository) -> None:
+        """Use the database's active codec (whoever trained it); None before one exists."""
+        row = repository.active_codec() if repository.active_codec_id() != self.codec_id else None
+        if row is not None:
+            self.codec, self.codec_id = self.load_codec(row), row.id
+
+    def _train_staged(self, repository: Repository) -> None:
+        """Train the codec on every staged embedding, code them and delete the staging.
+
+        Runs inside a write transaction after :meth:`_adopt` found no codec, so no other writer
+        can train one at the same time; the unique index on ``codecs.active`` backs that up.
+        """
+        content_ids, embeddings = repository.staged(self.dim)
+        # The database's settings, not this writer's: another writer may have bound them first.
+        settings = repository.settings()
+        name = settings.get("codec", self.choice.name)
+        bits = int(settings.get("bits_per_image", self.choice.bits_per_image))
+        codec = self.train_codec(name, embeddings, bits)
+        codec_id = repository.add_active_codec(
+            codec.name, codec.bits_per_image, codec.dim, codec.to_bytes(), trained_on=len(content_ids)
+        )
+        repository.add_codes(content_ids.tolist(), codec_id, codec.encode(embeddings))
+        repository.clear_staged()
+        repository.record_change()
+        self.codec, self.codec_id = codec, codec_id
+        self.report.codec_trained_on = len(content_ids)
+
+    def finish_training(self) -> None:
+        """Train the codec on whatever is staged, unless one exists (trained here or by another writer)."""
+        with self.store.writing() as repository:
+            self._adopt(repository)
+            if self.codec is None and repository.staged_count():
+                self._train_staged(repository)
+
+    # --- batches ----------------------------------------------------------------------------------
+
+    def commit(self, batch: Sequence[Prepared], embeddings: dict[str, np.ndarray]) -> None:
+        """Store one batch: ``embeddings`` maps the sha256 of each content this writer encoded to its
+        ``(d,)`` float32 embedding; the rest of the batch is already stored or is skipped."""
+        with self.store.writing() as repository:
+            self._adopt(repository)
+            good = [item for item in batch if item.error is None and item.sha256 is not None]
+            content_ids = repository.content_ids(item.sha256 for item in good if item.sha256)
+            new: dict[str, Prepared] = {}
+            for item in good:
+                assert item.sha256 is not None
+                if item.sha256 not in content_ids and item.sha256 in embeddings and item.sha256 not in new:
+                    new[item.sha256] = item
+            added = repository.add_contents([(sha, *(item.original_size or (0, 0))) for sha, item in new.items()])
+            content_ids.update(added)
+            if added:
+                ids = [added[sha] for sha in new]
+                vectors = np.stack([embeddings[sha] for sha in new]).astype(np.float32)
+                if self.codec is not None and self.codec_id is not None:
+                    repository.add_codes(ids, self.codec_id, self.codec.encode(vectors))
+                else:
+                    repository.stage(ids, vectors)
+            changed = self._save_records(repository, batch, content_ids, set(added))
+            if changed:
+                repository.record_change()
+            if self.codec is None and repository.staged_count() >= self.train_size:
+                self._train_staged(repository)
+
+    def _save_records(
+        self, repository: Repository, batch: Sequence[Prepared], content_ids: dict[str, int], new: set[str]
+    ) -> bool:
+        """Insert or update the image record of every item; True if what is searchable changed."""
+        records = repository.images_by_path(item.path for item in batch)
+        inserts: list[dict[str, object]] = []
+        updates: list[dict[str, object]] = []
+        changed = False
+        for item in batch:
+            record = records.get(item.path)
+            if item.error is not None or item.sha256 is None:
+                reason = item.error or "not decoded"
+                self.report.skipped.append((item.path, reason))
+                values: dict[str, object] = {
+                    "path": item.path,
+                    "content_id": None,
+                    "size": item.size,
+                    "mtime_ns": item.mtime_ns,
+                    "status": STATUS_SKIPPED,
+                    "error": reason,
+                }
+                changed |= record is not None and record.status == STATUS_INDEXED
+            else:
+                content_id = content_ids[item.sha256]
+                values = {
+                    "path": item.path,
+                    "content_id": content_id,
+                    "size": item.size,
+                    "mtime_ns": item.mtime_ns,
+                    "status": STATUS_INDEXED,
+                    "error": None,
+                }
+                if record is None:
+                    if item.sha256 in new:
+                        self.report.added += 1
+                    else:
+                        self.report.duplicates += 1
+                elif record.content_id == content_id and record.status == STATUS_INDEXED:
+                    self.report.unchanged += 1  # touched (new mtime) but same content
+                else:
+                    self.report.updated += 1
+                changed |= record is None or record.content_id != content_id or record.status != STATUS_INDEXED
+            if record is None:
+                inserts.append(values)
+                records[item.path] = ImageRow(0, item.path, None, None, None, "", None)  # a path twice in a batch
+            elif record.id:
+                updates.append({**values, "id": record.id})
+        repository.add_images(inserts)
+        repository.update_images([{key: value for key, value in row.items() if key != "path"} for row in updates])
+        return changed
+
+    def record_bad_paths(self, bad: Sequence[tuple[str, str]]) -> None:
+        """Record paths the folder walk could not use, ``(path, reason)``; only what differs is written."""
+        if not bad:
+            return
+        self.report.skipped.extend(bad)
+        with self.store.writing() as repository:
+            records = repository.images_by_path(path for path, _ in bad)
+            inserts = []
+            updates = []
+            changed = False
+            for path, reason in dict(bad).items():
+                record = records.get(path)
+                values = {"content_id": None, "size": None, "mtime_ns": None, "status": STATUS_SKIPPED, "error": reason}
+                if record is None:
+                    inserts.append({"path": path, **values})
+                elif (record.status, record.error) != (STATUS_SKIPPED, reason):
+                    updates.append({"id": record.id, **values})
+                    changed |= record.status == STATUS_INDEXED
+            repository.add_images(inserts)
+            repository.update_images(updates)
+            if changed:
+                repository.record_change()
+
+    def forget(self, image_ids: Sequence[int]) -> None:
+        """Delete image records (pruned files)."""
+        if image_ids:
+            with self.store.writing() as repository:
+                repository.delete_images(image_ids)
+                repository.record_change()
+
+    def delete_orphans(self) -> None:
+        """Delete contents no image refers to any more, with their codes."""
+        with self.store.writing() as repository:
+            if repository.delete_orphans():
+                repository.record_change()

@@ -1,0 +1,365 @@
+"""Every SQL statement semdb runs: a small repository over one open transaction.
+
+A :class:`Repository` wraps a SQLAlchemy connection inside a transaction that
+:class:`~semdb.store.store.Store` opened (a snapshot for reading, the write lock for writing); it
+knows nothing about files, models or FAISS. Statements are SQLAlchemy Core over the tables of
+:mod:`semdb.store.models`, portable between SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
+
+from semdb.store.models import (
+    STATUS_INDEXED,
+    STATUS_SKIPPED,
+    Code,
+    CodecRecord,
+    Content,
+    ImageRecord,
+    Setting,
+    StagedEmbedding,
+)
+
+T = TypeVar("T")
+# Rows per IN (...) list: far below SQLite's and PostgreSQL's bound-parameter limits.
+CHUNK = 500
+
+
+def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@dataclass(frozen=True)
+class CodecRow:
+    """A stored codec: its id, registry name, rate, dimension, serialised state and training size."""
+
+    id: int
+    name: str
+    bits_per_image: int
+    dim: int
+    state: bytes
+    trained_on: int
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """A stored image record (a file seen by ingest)."""
+
+    id: int
+    path: str
+    content_id: int | None
+    size: int | None
+    mtime_ns: int | None
+    status: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Counts:
+    """How many rows of each kind a database holds."""
+
+    indexed: int
+    skipped: int
+    staged: int
+    contents: int
+
+
+_IMAGE_COLUMNS = (
+    ImageRecord.id,
+    ImageRecord.path,
+    ImageRecord.content_id,
+    ImageRecord.size,
+    ImageRecord.mtime_ns,
+    ImageRecord.status,
+    ImageRecord.error,
+)
+_CODEC_COLUMNS = (
+    CodecRecord.id,
+    CodecRecord.name,
+    CodecRecord.bits_per_image,
+    CodecRecord.dim,
+    CodecRecord.state,
+    CodecRecord.trained_on,
+)
+
+
+class Repository:
+    """The SQL of one transaction (see the module docstring)."""
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+
+    # --- settings and change tracking -------------------------------------------------------------
+
+    def settings(self) -> dict[str, str]:
+        """Every setting, key → value."""
+        return {str(row.key): str(row.value) for row in self.connection.execute(select(Setting.key, Setting.value))}
+
+    def setting(self, key: str) -> str | None:
+        """One setting, or None."""
+        return self.connection.scalar(select(Setting.value).where(Setting.key == key))
+
+    def set_settings(self, values: dict[str, str]) -> None:
+        """Insert or update settings."""
+        present = set(self.connection.scalars(select(Setting.key).where(Setting.key.in_(list(values)))))
+        for key, value in values.items():
+            if key in present:
+                self.connection.execute(update(Setting).where(Setting.key == key).values(value=value))
+            else:
+                self.connection.execute(insert(Setting).values(key=key, value=value))
+
+    def record_change(self) -> None:
+        """Mark the searchable content as changed: a new generation and a new random change token.
+
+        The token is what the index cache is checked against: a restored backup or a lost WAL brings
+        back an old token that no later cache carries, and later changes draw fresh ones, so a cache
+        built from another state never matches (a counter alone repeats after a restore).
+        """
+        generation = int(self.setting("generation") or 0) + 1
+        self.set_settings({"generation": str(generation), "change_token": uuid.uuid4().hex})
+
+    def state_tag(self) -> str:
+        """The database's identity and content state, ``database_id:generation:change_token``."""
+        settings = self.settings()
+        return ":".join(settings.get(key, "") for key in ("database_id", "generation", "change_token"))
+
+    # --- codecs ---------------------------------------------------------------------------------
+
+    def active_codec(self) -> CodecRow | None:
+        """The codec new images are coded with (None before one is trained)."""
+        row = self.connection.execute(select(*_CODEC_COLUMNS).where(CodecRecord.active)).first()
+        return CodecRow(*row) if row is not None else None
+
+    def active_codec_id(self) -> int | None:
+        """The active codec's id, without reading its state."""
+        return self.connection.scalar(select(CodecRecord.id).where(CodecRecord.active))
+
+    def codec(self, codec_id: int) -> CodecRow | None:
+        """A stored codec by id."""
+        row = self.connection.execute(select(*_CODEC_COLUMNS).where(CodecRecord.id == codec_id)).first()
+        return CodecRow(*row) if row is not None else None
+
+    def add_active_codec(self, name: str, bits_per_image: int, dim: int, state: bytes, trained_on: int) -> int:
+        """Store a trained codec as the active one; returns its id.
+
+        Raises IntegrityError if another codec is active (the unique partial index): callers hold
+        the write lock and check :meth:`active_codec_id` first, so that is a bug, not a race.
+        """
+        result = self.connection.execute(
+            insert(CodecRecord).values(
+                name=name, bits_per_image=bits_per_image, dim=dim, state=state, trained_on=trained_on, active=True
+            )
+        )
+        key = result.inserted_primary_key
+        if key is None:
+            raise RuntimeError("the database returned no id for the new codec")
+        return int(key[0])
+
+    def codec_count(self) -> int:
+        """How many codecs were ever stored."""
+        return int(self.connection.scalar(select(func.count()).select_from(CodecRecord)) or 0)
+
+    # --- contents, codes and staged embeddings ----------------------------------------------------
+
+    def content_ids(self, hashes: Iterable[str]) -> dict[str, int]:
+        """sha256 → content id, for the hashes already stored."""
+        wanted = sorted(set(hashes))
+        found: dict[str, int] = {}
+        for chunk in _chunks(wanted):
+            statement = select(Content.sha256, Content.id).where(Content.sha256.in_(chunk))
+            found.update((str(sha), int(content_id)) for sha, content_id in self.connection.execute(statement))
+        return found
+
+    def add_contents(self, contents: Sequence[tuple[str, int, int]]) -> dict[str, int]:
+        """Store new ``(sha256, width, height)`` contents; returns sha256 → new content id."""
+        if not contents:
+            return {}
+        self.connection.execute(
+            insert(Content), [{"sha256": sha, "width": width, "height": height} for sha, width, height in contents]
+        )
+        return self.content_ids(sha for sha, _, _ in contents)
+
+    def add_codes(self, content_ids: Sequence[int], codec_id: int, codes: np.ndarray) -> None:
+        """Store ``codes`` ``(n, code_size)`` uint8 for ``content_ids`` (n,), made by codec ``codec_id``."""
+        if len(content_ids):
+            self.connection.execute(
+                insert(Code),
+                [
+                    {"content_id": content_id, "codec_id": codec_id, "code": code.tobytes()}
+                    for content_id, code in zip(content_ids, codes, strict=True)
+                ],
+            )
+
+    def stage(self, content_ids: Sequence[int], embeddings: np.ndarray) -> None:
+        """Keep float32 ``embeddings`` ``(n, d)`` of ``content_ids`` until the codec is trained."""
+        if len(content_ids):
+            self.connection.execute(
+                insert(StagedEmbedding),
+                [
+                    {"content_id": content_id, "embedding": np.asarray(vector, np.float32).tobytes()}
+                    for content_id, vector in zip(content_ids, embeddings, strict=True)
+                ],
+            )
+
+    def staged_count(self) -> int:
+        """Embeddings staged, waiting for the codec."""
+        return int(self.connection.scalar(select(func.count()).select_from(StagedEmbedding)) or 0)
+
+    def staged(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every staged embedding: ``(content_ids (n,) int64, embeddings (n, dim) float32)``."""
+        rows = self.connection.execute(
+            select(StagedEmbedding.content_id, StagedEmbedding.embedding).order_by(StagedEmbedding.content_id)
+        ).all()
+        return _ids_and_blobs(rows, np.float32, dim)
+
+    def clear_staged(self) -> None:
+        """Delete every staged embedding (after they were coded)."""
+        self.connection.execute(delete(StagedEmbedding))
+
+    # --- images ---------------------------------------------------------------------------------
+
+    def images_by_path(self, paths: Iterable[str]) -> dict[str, ImageRow]:
+        """Stored records of ``paths`` (those that have one), path → record."""
+        wanted = sorted(set(paths))
+        found: dict[str, ImageRow] = {}
+        for chunk in _chunks(wanted):
+            for row in self.connection.execute(select(*_IMAGE_COLUMNS).where(ImageRecord.path.in_(chunk))):
+                found[row.path] = ImageRow(*row)
+        return found
+
+    def add_images(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Insert image records (dicts with path, content_id, size, mtime_ns, status, error)."""
+        if rows:
+            self.connection.execute(insert(ImageRecord), list(rows))
+
+    def update_images(self, rows: Sequence[dict[str, Any]]) -> None:
+        """Update image records by ``id`` (dicts with id, content_id, size, mtime_ns, status, error)."""
+        if not rows:
+            return
+        statement = (
+            update(ImageRecord)
+            .where(ImageRecord.id == bindparam("image_id"))
+            .values(
+                content_id=bindparam("content_id"),
+                size=bindparam("size"),
+                mtime_ns=bindparam("mtime_ns"),
+                status=bindparam("status"),
+                error=bindparam("error"),
+            )
+        )
+        self.connection.execute(
+            statement, [{**{k: v for k, v in row.items() if k != "id"}, "image_id": row["id"]} for row in rows]
+        )
+
+    def images_under(self, folder: str, separator: str) -> list[tuple[int, str]]:
+        """``(id, path)`` of every record at ``folder`` or below it."""
+        prefix = folder.rstrip(separator) + separator
+        # A range on the path instead of LIKE: no wildcard escaping, and it uses the unique index.
+        upper = prefix[:-1] + chr(ord(separator) + 1)
+        statement = select(ImageRecord.id, ImageRecord.path).where(
+            or_(ImageRecord.path == folder, (ImageRecord.path >= prefix) & (ImageRecord.path < upper))
+        )
+        return [(int(image_id), path) for image_id, path in self.connection.execute(statement)]
+
+    def delete_images(self, image_ids: Sequence[int]) -> None:
+        """Forget image records."""
+        for chunk in _chunks(list(image_ids)):
+            self.connection.execute(delete(ImageRecord).where(ImageRecord.id.in_(chunk)))
+
+    def delete_orphans(self) -> int:
+        """Delete contents no image refers to, with their codes and staged rows; returns how many."""
+        referenced = select(ImageRecord.content_id).where(ImageRecord.content_id.is_not(None))
+        orphans = select(Content.id).where(Content.id.not_in(referenced))
+        # Explicit, not left to ON DELETE CASCADE: a connection may run without foreign-key enforcement.
+        self.connection.execute(delete(Code).where(Code.content_id.in_(orphans)))
+        self.connection.execute(delete(StagedEmbedding).where(StagedEmbedding.content_id.in_(orphans)))
+        result = self.connection.execute(delete(Content).where(Content.id.not_in(referenced)))
+        return int(result.rowcount or 0)
+
+    def image_paths(self, image_ids: Iterable[int]) -> dict[int, str]:
+        """image id → path."""
+        wanted = sorted(set(image_ids))
+        found: dict[int, str] = {}
+        for chunk in _chunks(wanted):
+            statement = select(ImageRecord.id, ImageRecord.path).where(ImageRecord.id.in_(chunk))
+            found.update((int(image_id), str(path)) for image_id, path in self.connection.execute(statement))
+        return found
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every skipped file."""
+        statement = (
+            select(ImageRecord.path, ImageRecord.error)
+            .where(ImageRecord.status == STATUS_SKIPPED)
+            .order_by(ImageRecord.path)
+        )
+        return [(path, error or "") for path, error in self.connection.execute(statement)]
+
+    def counts(self) -> Counts:
+        """Indexed and skipped images, staged embeddings, distinct contents."""
+
+        def count(statement: Any) -> int:
+            return int(self.connection.scalar(statement) or 0)
+
+        by_status = dict(
+            self.connection.execute(select(ImageRecord.status, func.count()).group_by(ImageRecord.status)).all()
+        )
+        return Counts(
+            indexed=int(by_status.get(STATUS_INDEXED, 0)),
+            skipped=int(by_status.get(STATUS_SKIPPED, 0)),
+            staged=count(select(func.count()).select_from(StagedEmbedding)),
+            contents=count(select(func.count()).select_from(Content)),
+        )
+
+    # --- what the search index is built from ----------------------------------------------------
+
+    def coded_counts(self) -> dict[int, int]:
+        """codec id → how many indexed images have a code made by that codec."""
+        statement = (
+            select(Code.codec_id, func.count())
+            .join(ImageRecord, ImageRecord.content_id == Code.content_id)
+            .where(ImageRecord.status == STATUS_INDEXED)
+            .group_by(Code.codec_id)
+            .order_by(Code.codec_id)
+        )
+        return {int(codec_id): int(count) for codec_id, count in self.connection.execute(statement)}
+
+    def coded_images(self, codec_id: int, code_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indexed images coded by ``codec_id``: ``(image_ids (n,) int64, codes (n, code_size) uint8)``.
+
+        A stored code of another length than ``code_size`` means a damaged row: ValueError.
+        """
+        statement = (
+            select(ImageRecord.id, Code.code)
+            .join(Code, Code.content_id == ImageRecord.content_id)
+            .where(ImageRecord.status == STATUS_INDEXED, Code.codec_id == codec_id)
+            .order_by(ImageRecord.id)
+        )
+        return _ids_and_blobs(self.connection.execute(statement).all(), np.uint8, code_size)
+
+    def staged_images(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """Indexed images not coded yet: ``(image_ids (m,) int64, embeddings (m, dim) float32)``."""
+        statement = (
+            select(ImageRecord.id, StagedEmbedding.embedding)
+            .join(StagedEmbedding, StagedEmbedding.content_id == ImageRecord.content_id)
+            .where(ImageRecord.status == STATUS_INDEXED)
+            .order_by(ImageRecord.id)
+        )
+        return _ids_and_blobs(self.connection.execute(statement).all(), np.float32, dim)
+
+
+def _ids_and_blobs(rows: Sequence[Any], dtype: type[np.generic], width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[(id, blob)]`` rows → ``(ids (n,) int64, array (n, width) dtype)``; ValueError on a blob of the wrong size."""
+    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+    item = np.dtype(dtype).itemsize * width
+    blob = b"".join(row[1] for row in rows)
+    if len(blob) != item * len(rows) or any(len(row[1]) != item for row in rows):
+        raise ValueError(f"stored rows of {item} bytes expected")
+    return ids, np.frombuffer(blob, dtype=dtype).reshape(len(rows), width)
