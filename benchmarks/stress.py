@@ -387,7 +387,7 @@ def first_traceback_line(stderr: str) -> str:
 def part_kill(report: Report, args: argparse.Namespace, work: Path, rng: random.Random) -> None:
     """Kill ingest workers at random moments and check what they leave behind; see the module docstring."""
     started, kills, cycle, fresh_db = time.monotonic(), 0, 0, 0
-    batch, per_folder, folders = 4, 120, 4
+    batch, per_folder, folders = 4, 160, 4
     train = int(folders * per_folder * 0.4)  # crossed at ~40 % of a fresh run: kills land in training too
     # Measured on the first database (let finish, then re-run with nothing to do): a run's start-up
     # (imports, schema, finding the files) and the time of a fresh ingest after it.
