@@ -122,7 +122,7 @@ class Database:
             "bits_per_image": str(bits) if bits is not None else None,
         }
         self._store: Store | None = None
-        if self.path is not None and not self.path.exists():
+        if self.path is not None and (not self.path.exists() or (create and _is_empty_file(self.path))):
             if not create:
                 raise DatabaseNotFoundError(
                     f"database {self.path} does not exist; create it with `semdb ingest PATH --db {self.path}`"
@@ -388,6 +388,14 @@ class Database:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+
+def _is_empty_file(path: Path) -> bool:
+    """A 0-byte file: a database another ingest is creating right now, or one made with ``touch``."""
+    try:
+        return path.is_file() and path.stat().st_size == 0
+    except OSError:
+        return False
 
 
 def connect(

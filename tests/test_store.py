@@ -18,6 +18,7 @@ from semdb.errors import (
     DatabaseDamagedError,
     DatabaseNotFoundError,
     NotASemdbDatabaseError,
+    NotReadyError,
     ReadOnlyDatabaseError,
     SchemaVersionError,
 )
@@ -87,17 +88,19 @@ def test_a_foreign_sqlite_file_is_refused_and_left_byte_for_byte_untouched(tmp_p
 
 
 @pytest.mark.parametrize(
-    ("content", "message"),
+    ("content", "error_class", "message"),
     [
-        (b"", "empty file"),
-        (b"hello, I am a text file\n" * 50, "not an SQLite file"),
-        (bytes(range(256)) * 40, "not an SQLite file"),
+        (b"", NotReadyError, "is an empty file"),
+        (b"hello, I am a text file\n" * 50, NotASemdbDatabaseError, "not an SQLite file"),
+        (bytes(range(256)) * 40, NotASemdbDatabaseError, "not an SQLite file"),
     ],
 )
-def test_files_that_are_not_databases_get_one_line(tmp_path: Path, content: bytes, message: str) -> None:
+def test_files_that_are_not_databases_get_one_line(
+    tmp_path: Path, content: bytes, error_class: type[Exception], message: str
+) -> None:
     path = tmp_path / "db.semdb"
     path.write_bytes(content)
-    with pytest.raises(NotASemdbDatabaseError, match=message) as error:
+    with pytest.raises(error_class, match=message) as error:
         Store.open(path)
     assert "\n" not in str(error.value)
     assert path.read_bytes() == content

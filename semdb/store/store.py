@@ -16,8 +16,10 @@ full, read-only, damaged file, locked too long); committed data is never touched
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,6 +37,7 @@ from semdb.errors import (
     DiskFullError,
     InvalidArgumentError,
     NotASemdbDatabaseError,
+    NotReadyError,
     ReadOnlyDatabaseError,
     SchemaVersionError,
     SemdbError,
@@ -148,11 +151,9 @@ class Store:
         if path is None:
             store = cls(create_engine(location), display, None, writable=write)
         else:
-            is_new = _check_file(path, display, write=write, create=create)
+            if _check_file(path, display, write=write, create=create) and not path.exists():
+                _create_sqlite(path)
             store = cls(_sqlite_engine(path, read_only=not write), display, path, writable=write)
-            if is_new and write:
-                # Create the file here: the engine opens with mode=rw, which never creates one.
-                sqlite3.connect(path).close()
         store.on_wait = on_wait
         try:
             store._prepare(write)
@@ -183,7 +184,8 @@ class Store:
         tables = set(inspect(connection).get_table_names())
         if not tables:
             if not may_migrate:
-                raise NotASemdbDatabaseError(f"{self.location} is an empty SQLite database, not a semdb database")
+                # Nothing to read: an empty file, or one being created by an ingest at this moment.
+                raise NotReadyError(f"database {self.location} is empty; run `semdb ingest PATH --db {self.location}`")
             migrate.upgrade(connection)
             return
         missing = SEMDB_TABLES - tables
@@ -371,7 +373,7 @@ def _check_file(path: Path, display: str, *, write: bool, create: bool) -> bool:
     if not header:
         if write and create:
             return True  # an empty file (e.g. from mktemp) is a new database
-        raise NotASemdbDatabaseError(f"{display} is an empty file, not a semdb database")
+        raise NotReadyError(f"database {display} is an empty file; run `semdb ingest PATH --db {display}`")
     if not header.startswith(SQLITE_HEADER):
         raise NotASemdbDatabaseError(f"{display} is not a semdb database (not an SQLite file)")
     if len(header) < 100:
@@ -381,3 +383,40 @@ def _check_file(path: Path, display: str, *, write: bool, create: bool) -> bool:
             f"{display} is read-only here (the file or its folder is not writable): ingest needs to write it"
         )
     return False
+
+
+def _create_sqlite(path: Path) -> None:
+    """Create a new semdb database at ``path`` atomically: readers and other creators see either no
+    file or a complete schema, never an empty or half-made file."""
+    descriptor, temporary = tempfile.mkstemp(prefix=path.name + ".", suffix=".new", dir=path.parent)
+    os.close(descriptor)
+    try:
+        engine = _sqlite_engine(Path(temporary), read_only=False)
+        try:
+            with engine.connect() as connection, connection.begin():
+                migrate.upgrade(connection)
+            with engine.connect() as connection:
+                driver = connection.connection.driver_connection
+                assert isinstance(driver, sqlite3.Connection)
+                driver.execute("PRAGMA journal_mode = WAL")
+        finally:
+            engine.dispose()
+        os.chmod(temporary, 0o666 & ~_umask())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process created it first: use theirs
+        except OSError:
+            # A file system without hard links: a rename is atomic too, with a narrow race between creators.
+            if not path.exists():
+                os.replace(temporary, path)
+    finally:
+        for leftover in (temporary, temporary + "-wal", temporary + "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
