@@ -40,6 +40,9 @@ from semdb.ingest import (
 from semdb.store import CodecRow, Counts, Repository, Store
 
 DEFAULT_BITS = 128
+# No codec here spends more than a byte per embedding dimension; this bound is checked before a
+# model is loaded, the exact one (8 bits per dimension of the model's embeddings) right after.
+MAX_BITS_PER_IMAGE = 16_384
 DEFAULT_DB_FILENAME = "semdb.semdb"
 DB_ENV_VAR = "SEMDB_DB"
 
@@ -114,6 +117,11 @@ class Database:
         # Validate before anything is opened, so that a mistake never leaves a database behind.
         if bits is not None:
             check_bits(bits)
+            if bits > MAX_BITS_PER_IMAGE:
+                raise InvalidArgumentError(
+                    f"--bits {bits} is more than any codec can use (at most {MAX_BITS_PER_IMAGE}); "
+                    "codes of 32 to 256 bits are the useful range"
+                )
         if codec is not None:
             codec_class(codec)  # raises with the valid names
         self._wanted = {
@@ -244,6 +252,12 @@ class Database:
             raise InvalidArgumentError("batch size, train size and max pixels must be positive")
         roots = resolve_roots(paths)
         encoder = self.encoder
+        bits = self._wanted["bits_per_image"]
+        if bits is not None and int(bits) > 8 * encoder.dim:
+            raise InvalidArgumentError(
+                f"--bits {bits} is more than {encoder.spec}'s {encoder.dim}-d embeddings can use "
+                f"(at most {8 * encoder.dim}, one byte per dimension)"
+            )
         store = self._writable_store()
         with store.writing() as repository:
             to_record = self._check_binding(repository)

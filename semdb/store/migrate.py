@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from functools import cache
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def current_revision(connection: Connection) -> str | None:
     return MigrationContext.configure(connection).get_current_revision()
 
 
+# Alembic keeps the running migration in module-level state (``alembic.context``), so two threads
+# migrating at once would run each other's revisions: one at a time per process.
+_UPGRADE_LOCK = threading.Lock()
+
+
 def upgrade(connection: Connection) -> None:
     """Apply every revision not yet applied, inside the caller's transaction."""
-    command.upgrade(alembic_config(connection), "head")
+    with _UPGRADE_LOCK:
+        command.upgrade(alembic_config(connection), "head")
