@@ -196,6 +196,11 @@ class Snapshot:
     staged: int = 0
 
 
+def text_path(path: str | bytes) -> str:
+    """A stored path as readable text (undecodable bytes as ``\\xNN``)."""
+    return path.decode("utf-8", "backslashreplace") if isinstance(path, bytes) else path
+
+
 def snapshot(db: Path) -> Snapshot:
     """Read ``db`` with sqlite3: integrity, duplicates, codec and embedding consistency, the paths."""
     if not db.exists():
@@ -206,11 +211,13 @@ def snapshot(db: Path) -> Snapshot:
         snap = Snapshot(integrity="; ".join(row[0] for row in conn.execute("PRAGMA integrity_check")))
         if "images" not in tables:  # killed before the schema was created
             return snap
-        snap.paths = dict(conn.execute("SELECT path, status FROM images"))
-        snap.errors = dict(conn.execute("SELECT path, coalesce(error, '') FROM images"))
-        snap.sha_of_path = dict(
-            conn.execute("SELECT i.path, c.sha256 FROM images i JOIN contents c ON c.id = i.content_id")
-        )
+        # Paths are stored as bytes (text before schema 0003); the harness compares readable text.
+        snap.paths = {text_path(p): s for p, s in conn.execute("SELECT path, status FROM images")}
+        snap.errors = {text_path(p): e for p, e in conn.execute("SELECT path, coalesce(error, '') FROM images")}
+        snap.sha_of_path = {
+            text_path(p): sha
+            for p, sha in conn.execute("SELECT i.path, c.sha256 FROM images i JOIN contents c ON c.id = i.content_id")
+        }
         snap.duplicate_paths = one("SELECT count(*) - count(DISTINCT path) FROM images")
         snap.duplicate_shas = one("SELECT count(*) - count(DISTINCT sha256) FROM contents")
         snap.codecs = one("SELECT count(*) FROM codecs")

@@ -242,7 +242,7 @@ def test_search_ranks_coded_images_by_cosine_to_their_reconstructions(tmp_path: 
             "SELECT images.path, codes.code FROM images JOIN codes ON codes.content_id = images.content_id"
         ).fetchall()
     decoded = codec.decode(np.frombuffer(b"".join(code for _, code in rows), np.uint8).reshape(len(rows), -1))
-    paths = [path for path, _ in rows]
+    paths = [os.fsdecode(path) for path, _ in rows]
     # Reconstruction norms differ, so inner product and cosine would rank differently.
     assert np.ptp(np.linalg.norm(decoded, axis=1)) > 0.01
     query = FakeEncoder().encode_texts(["a purple thing"])

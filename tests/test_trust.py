@@ -33,15 +33,16 @@ def codec_count(path: Path) -> int:
 
 
 def assert_each_image_finds_itself_first(db: semdb.Database, paths: list[str]) -> None:
-    """Search with each image's own embedding: it must score as high as the best hit (ties allowed:
-    near-identical images may share a code)."""
+    """Search with each image's own embedding: it must score within a quantisation error of the best
+    hit (near-identical images may share a code, or another code may sit a hair closer). A code
+    decoded by a codec other than its own scores far lower (it ranked 409th of 2,000 before the fix)."""
     encoder = FakeEncoder()
     queries = encoder.encode_images([Image.open(path) for path in paths])
     everything = db.stats().images
     for path, results in zip(paths, db.search_vectors(queries, k=everything), strict=True):
         own = [hit for hit in results if hit.path == path]
         assert own, f"{path} is not searchable"
-        assert own[0].score >= results[0].score - 1e-5, (path, results.index(own[0]))
+        assert own[0].score >= results[0].score - 0.02, (path, results.index(own[0]))
 
 
 def run_writers(targets: list[tuple[Path, Path]], **ingest_options: int) -> list[BaseException]:

@@ -26,13 +26,13 @@ from semdb.images import (
     BadFile,
     FoundFile,
     decode_image,
-    display_path,
     file_sha256,
     find_images,
     read_bytes,
 )
 from semdb.ingest.report import IngestReport
 from semdb.ingest.writer import BatchWriter, Prepared
+from semdb.paths import display_path
 from semdb.store import STATUS_SKIPPED, Store
 
 T = TypeVar("T")
@@ -143,7 +143,7 @@ class Ingestor:
                     candidates.append(item)
                 elif previous.status == STATUS_SKIPPED:
                     # Still bad: report it again (without re-reading it) so every run lists it.
-                    self.report.skipped.append((item.path, previous.error or ""))
+                    self.report.skipped.append((display_path(item.path), previous.error or ""))
                 else:
                     self.report.unchanged += 1
         return candidates
@@ -170,7 +170,7 @@ class Ingestor:
         gone: list[int] = []
         for root in roots:
             with self.store.reading() as repository:
-                records = repository.images_under(root, os.sep)
+                records = repository.images_under(root)
             gone.extend(image_id for image_id, path in records if not os.path.lexists(path))
         self.writer.forget(sorted(set(gone)))
         self.report.pruned = len(set(gone))

@@ -17,6 +17,7 @@ from PIL import Image
 
 from semdb.codecs import Codec
 from semdb.ingest.report import IngestReport
+from semdb.paths import display_path
 from semdb.store import STATUS_INDEXED, STATUS_SKIPPED, CodecRow, ImageRow, Repository, Store
 
 
@@ -147,7 +148,7 @@ class BatchWriter:
             record = records.get(item.path)
             if item.error is not None or item.sha256 is None:
                 reason = item.error or "not decoded"
-                self.report.skipped.append((item.path, reason))
+                self.report.skipped.append((display_path(item.path), reason))
                 values: dict[str, object] = {
                     "path": item.path,
                     "content_id": None,
@@ -190,7 +191,7 @@ class BatchWriter:
         """Record paths the folder walk could not use, ``(path, reason)``; only what differs is written."""
         if not bad:
             return
-        self.report.skipped.extend(bad)
+        self.report.skipped.extend((display_path(path), reason) for path, reason in bad)
         with self.store.writing() as repository:
             records = repository.images_by_path(path for path, _ in bad)
             inserts = []

@@ -9,7 +9,7 @@ Tables::
     contents  one row per distinct file content (sha256): width, height
     codes     content → code (bits_per_image / 8 bytes) and the codec that made it
     staged    content → float32 embedding, kept only until the codec is trained
-    images    path → content, size, mtime, status ('indexed' or 'skipped') and the skip reason
+    images    path (bytes) → content, size, mtime, status ('indexed' or 'skipped') and the skip reason
 
 The schema itself is created and evolved by the Alembic revisions in ``migrations/``; a test
 checks that the revisions and these models agree.
@@ -112,7 +112,8 @@ class ImageRecord(Base):
 
     __tablename__ = "images"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    path: Mapped[str] = mapped_column(Text, unique=True)
+    # os.fsencode(path): the file's real name, whatever its encoding (see revision 0003).
+    path: Mapped[bytes] = mapped_column(LargeBinary, unique=True)
     content_id: Mapped[int | None] = mapped_column(
         ForeignKey("contents.id", ondelete="SET NULL"), index=True, nullable=True
     )

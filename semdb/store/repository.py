@@ -8,6 +8,7 @@ knows nothing about files, models or FAISS. Statements are SQLAlchemy Core over 
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
 
+from semdb.paths import display_path
 from semdb.store.models import (
     STATUS_INDEXED,
     STATUS_SKIPPED,
@@ -28,6 +30,8 @@ from semdb.store.models import (
 )
 
 T = TypeVar("T")
+
+
 # Rows per IN (...) list: far below SQLite's and PostgreSQL's bound-parameter limits.
 CHUNK = 500
 
@@ -228,17 +232,18 @@ class Repository:
 
     def images_by_path(self, paths: Iterable[str]) -> dict[str, ImageRow]:
         """Stored records of ``paths`` (those that have one), path → record."""
-        wanted = sorted(set(paths))
+        wanted = sorted({os.fsencode(path) for path in paths})
         found: dict[str, ImageRow] = {}
         for chunk in _chunks(wanted):
             for row in self.connection.execute(select(*_IMAGE_COLUMNS).where(ImageRecord.path.in_(chunk))):
-                found[row.path] = ImageRow(*row)
+                record = ImageRow(row.id, os.fsdecode(row.path), *row[2:])
+                found[record.path] = record
         return found
 
     def add_images(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert image records (dicts with path, content_id, size, mtime_ns, status, error)."""
         if rows:
-            self.connection.execute(insert(ImageRecord), list(rows))
+            self.connection.execute(insert(ImageRecord), [{**row, "path": os.fsencode(row["path"])} for row in rows])
 
     def update_images(self, rows: Sequence[dict[str, Any]]) -> None:
         """Update image records by ``id`` (dicts with id, content_id, size, mtime_ns, status, error)."""
@@ -259,15 +264,16 @@ class Repository:
             statement, [{**{k: v for k, v in row.items() if k != "id"}, "image_id": row["id"]} for row in rows]
         )
 
-    def images_under(self, folder: str, separator: str) -> list[tuple[int, str]]:
+    def images_under(self, folder: str) -> list[tuple[int, str]]:
         """``(id, path)`` of every record at ``folder`` or below it."""
-        prefix = folder.rstrip(separator) + separator
-        # A range on the path instead of LIKE: no wildcard escaping, and it uses the unique index.
-        upper = prefix[:-1] + chr(ord(separator) + 1)
+        exact = os.fsencode(folder)
+        prefix = exact.rstrip(b"/") + b"/"
+        # A range on the path bytes instead of LIKE: no wildcard escaping, and it uses the unique index.
+        upper = prefix[:-1] + b"0"  # b"0" is the byte after b"/"
         statement = select(ImageRecord.id, ImageRecord.path).where(
-            or_(ImageRecord.path == folder, (ImageRecord.path >= prefix) & (ImageRecord.path < upper))
+            or_(ImageRecord.path == exact, (ImageRecord.path >= prefix) & (ImageRecord.path < upper))
         )
-        return [(int(image_id), path) for image_id, path in self.connection.execute(statement)]
+        return [(int(image_id), os.fsdecode(path)) for image_id, path in self.connection.execute(statement)]
 
     def delete_images(self, image_ids: Sequence[int]) -> None:
         """Forget image records."""
@@ -285,22 +291,22 @@ class Repository:
         return int(result.rowcount or 0)
 
     def image_paths(self, image_ids: Iterable[int]) -> dict[int, str]:
-        """image id → path."""
+        """image id → path, readable (see :func:`display_path`)."""
         wanted = sorted(set(image_ids))
         found: dict[int, str] = {}
         for chunk in _chunks(wanted):
             statement = select(ImageRecord.id, ImageRecord.path).where(ImageRecord.id.in_(chunk))
-            found.update((int(image_id), str(path)) for image_id, path in self.connection.execute(statement))
+            found.update((int(image_id), display_path(path)) for image_id, path in self.connection.execute(statement))
         return found
 
     def skipped(self) -> list[tuple[str, str]]:
-        """``(path, reason)`` of every skipped file."""
+        """``(path, reason)`` of every skipped file, paths readable (see :func:`display_path`)."""
         statement = (
             select(ImageRecord.path, ImageRecord.error)
             .where(ImageRecord.status == STATUS_SKIPPED)
             .order_by(ImageRecord.path)
         )
-        return [(path, error or "") for path, error in self.connection.execute(statement)]
+        return [(display_path(path), error or "") for path, error in self.connection.execute(statement)]
 
     def counts(self) -> Counts:
         """Indexed and skipped images, staged embeddings, distinct contents."""
