@@ -262,11 +262,13 @@ class Database:
         with store.writing() as repository:
             to_record = self._check_binding(repository)
             settings = repository.settings()
-            if "dim" in settings and int(settings["dim"]) != encoder.dim:
+            stored_dim = repository.int_setting("dim")
+            if stored_dim is not None and stored_dim != encoder.dim:
                 raise ModelMismatchError(
                     f"model {encoder.spec} gives {encoder.dim}-d embeddings; database {self.location} holds "
-                    f"{settings['dim']}-d ones"
+                    f"{stored_dim}-d ones"
                 )
+            stored_bits = repository.int_setting("bits_per_image", DEFAULT_BITS)
             if "model" not in settings:
                 to_record["model"] = encoder.spec
             if "dim" not in settings:
@@ -277,7 +279,7 @@ class Database:
         report = IngestReport()
         writer = BatchWriter(
             store,
-            CodecChoice(settings.get("codec", DEFAULT_CODEC), int(settings.get("bits_per_image", DEFAULT_BITS))),
+            CodecChoice(settings.get("codec", DEFAULT_CODEC), int(to_record.get("bits_per_image") or stored_bits or DEFAULT_BITS)),
             train_size=train_size,
             dim=encoder.dim,
             train_codec=lambda name, embeddings, bits: train_codec(name, embeddings, bits),
@@ -347,16 +349,14 @@ class Database:
         settings: dict[str, str] = {}
         counts = Counts(0, 0, 0, 0)
         active = None
+        stored_bits = None
         if self._store is not None:
             with self._store.reading() as repository:
                 settings = repository.settings()
                 counts = repository.counts()
                 active = repository.active_codec()
-        bits = (
-            active.bits_per_image
-            if active
-            else (int(settings["bits_per_image"]) if "bits_per_image" in settings else None)
-        )
+                stored_bits = repository.int_setting("bits_per_image")
+        bits = active.bits_per_image if active else stored_bits
         database_bytes = 0
         if self.path is not None:
             for suffix in ("", "-wal"):

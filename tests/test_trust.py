@@ -297,3 +297,29 @@ def test_stats_on_a_foreign_sqlite_file_leaves_it_untouched(tmp_path: Path, caps
     empty.touch()
     assert main(["stats", "--db", str(empty)]) == 1
     assert empty.stat().st_size == 0
+
+
+@pytest.mark.parametrize(
+    "crafting",
+    [
+        "UPDATE settings SET value = '999999999999' WHERE key = 'dim'",
+        "UPDATE codecs SET bits_per_image = 8192",
+        "UPDATE codes SET code = x'00112233445566778899' WHERE content_id = (SELECT min(content_id) FROM codes)",
+        "UPDATE codecs SET dim = 4096",
+        "UPDATE codecs SET state = x'00'",
+        "UPDATE codes SET codec_id = 77",
+    ],
+)
+def test_a_crafted_database_gets_one_line_never_a_crash(tmp_path: Path, crafting: str) -> None:
+    database = tmp_path / "db.semdb"
+    write_colour_images(tmp_path / "images", per_colour=4)
+    semdb.connect(database, encoder=FakeEncoder(), bits=16).ingest(tmp_path / "images")
+    with sqlite3.connect(database) as connection:
+        connection.execute("PRAGMA foreign_keys = OFF")
+        connection.execute(crafting)
+    cache_path(database).unlink(missing_ok=True)
+    with pytest.raises(semdb.SemdbError) as error:
+        db = semdb.connect(database, encoder=FakeEncoder())
+        db.search_vectors(FakeEncoder().encode_texts(["red"]), k=3)
+        db.ingest(tmp_path / "images")
+    assert "\n" not in str(error.value) and "damaged" in str(error.value), str(error.value)

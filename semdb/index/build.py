@@ -32,7 +32,7 @@ def current_index(
         tag = repository.state_tag()
         if previous is not None and previous.tag == tag:
             return previous
-        dim = int(repository.setting("dim") or 0)
+        dim = repository.int_setting("dim", 0) or 0
         counts = repository.coded_counts()
         codec_rows = {codec_id: repository.codec(codec_id) for codec_id in counts}
         staged_ids, staged = repository.staged_images(dim) if dim else (np.empty(0, np.int64), np.empty((0, 0)))

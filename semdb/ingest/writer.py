@@ -87,9 +87,9 @@ class BatchWriter:
         """
         content_ids, embeddings = repository.staged(self.dim)
         # The database's settings, not this writer's: another writer may have bound them first.
-        settings = repository.settings()
-        name = settings.get("codec", self.choice.name)
-        bits = int(settings.get("bits_per_image", self.choice.bits_per_image))
+        name = repository.setting("codec") or self.choice.name
+        bits = repository.int_setting("bits_per_image", self.choice.bits_per_image)
+        assert bits is not None  # a default was given
         codec = self.train_codec(name, embeddings, bits)
         codec_id = repository.add_active_codec(
             codec.name, codec.bits_per_image, codec.dim, codec.to_bytes(), trained_on=len(content_ids)

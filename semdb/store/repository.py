@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
 
+from semdb.errors import DatabaseDamagedError
 from semdb.paths import display_path
 from semdb.store.models import (
     STATUS_INDEXED,
@@ -30,6 +31,12 @@ from semdb.store.models import (
 )
 
 T = TypeVar("T")
+# Sane ranges of the numeric settings: embedding dimensions and code sizes of real models are far inside.
+SETTING_BOUNDS: dict[str, tuple[int, int]] = {
+    "dim": (1, 16_384),
+    "bits_per_image": (8, 16_384),
+    "generation": (0, 2**62),
+}
 
 
 # Rows per IN (...) list: far below SQLite's and PostgreSQL's bound-parameter limits.
@@ -111,6 +118,23 @@ class Repository:
         """One setting, or None."""
         return self.connection.scalar(select(Setting.value).where(Setting.key == key))
 
+    def int_setting(self, key: str, default: int | None = None) -> int | None:
+        """A whole-number setting, checked against :data:`SETTING_BOUNDS` before anything sizes an
+        array by it (a database is a file people hand each other); ``default`` when absent."""
+        value = self.setting(key)
+        if value is None:
+            return default
+        low, high = SETTING_BOUNDS[key]
+        try:
+            number = int(value)
+        except ValueError:
+            number = None
+        if number is None or not low <= number <= high:
+            raise DatabaseDamagedError(
+                f"the database is damaged: setting {key}={value[:40]!r} is not a whole number in {low}..{high}"
+            )
+        return number
+
     def set_settings(self, values: dict[str, str]) -> None:
         """Insert or update settings."""
         present = set(self.connection.scalars(select(Setting.key).where(Setting.key.in_(list(values)))))
@@ -127,7 +151,7 @@ class Repository:
         back an old token that no later cache carries, and later changes draw fresh ones, so a cache
         built from another state never matches (a counter alone repeats after a restore).
         """
-        generation = int(self.setting("generation") or 0) + 1
+        generation = (self.int_setting("generation") or 0) + 1
         self.set_settings({"generation": str(generation), "change_token": uuid.uuid4().hex})
 
     def state_tag(self) -> str:
