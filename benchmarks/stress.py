@@ -10,6 +10,9 @@ Three parts, each bounded by a count and by ``--seconds`` (whichever comes first
 2. **concurrent** — 4 writers ingest 4 different folders into one new database while 4 searchers
    search it; then every image must be searchable at rank 1 with exactly one codec. A ``same-folder``
    variant runs two writers on one folder.
+4. **cache** — the index cache file is mutated at random (bit flips, truncation, spliced or appended
+   bytes) or swapped with another database's, a backup's or a later state's; every search must give
+   exactly the answers of a database with no cache, with no exception.
 3. **fuzz** — a corpus of adversarial files (truncated, bit-flipped, bombs, FIFOs, symlink loops,
    non-UTF-8 names...) is ingested in a subprocess with a timeout and its peak RSS measured; every file
    must end up indexed or skipped with a reason.
@@ -56,6 +59,7 @@ KINDS = {
     "concurrent": ["writers", "searchers", "integrity", "duplicates", "codec-count", "complete", "search"],
     "same-folder": ["writers", "integrity", "duplicates", "codec-count", "complete", "search"],
     "fuzz": ["completes", "recorded", "expected", "peak-rss"],
+    "cache": ["mutation", "swap"],
 }
 
 
@@ -759,6 +763,81 @@ def part_fuzz(report: Report, args: argparse.Namespace, work: Path, rng: random.
 # --- the report -----------------------------------------------------------------------------------
 
 
+def mutate(data: bytes, rng: random.Random) -> bytes:
+    """One random damage of a file's bytes."""
+    how = rng.choice(["flip", "truncate", "splice", "append", "zero"])
+    out = bytearray(data)
+    if how == "flip":
+        for _ in range(rng.randint(1, 16)):
+            out[rng.randrange(len(out))] ^= 1 << rng.randrange(8)
+    elif how == "truncate":
+        del out[rng.randrange(len(out)) :]
+    elif how == "splice":
+        start = rng.randrange(len(out))
+        out[start : start + rng.randint(1, 64)] = os.urandom(rng.randint(1, 64))
+    elif how == "append":
+        out += os.urandom(rng.randint(1, 4096))
+    else:
+        start = rng.randrange(len(out))
+        out[start : start + rng.randint(1, 4096)] = bytes(min(4096, len(out) - start))
+    return bytes(out)
+
+
+def part_cache(report: Report, args: argparse.Namespace, work: Path, rng: random.Random) -> None:
+    """Damaged and foreign index caches: searches must answer as if there were no cache."""
+    import semdb
+    from semdb.index import cache_path
+
+    deadline = time.monotonic() + args.seconds
+    nprng = np.random.default_rng(rng.randrange(2**32))
+    root = work / "cache"
+    collections = {name: write_collection(root / name, nprng, 2, 60, extras=False) for name in ("a", "b", "later")}
+    encoder = StressEncoder()
+    queries = encoder.encode_images([random_image(nprng) for _ in range(8)])
+    first, second, backup = root / "first.semdb", root / "second.semdb", root / "backup.semdb"
+
+    def answer(db: Path) -> list[list[tuple[str, float]]]:
+        with semdb.connect(db, encoder=encoder, create=False) as conn:
+            return [[(hit.path, hit.score) for hit in hits] for hits in conn.search_vectors(queries, k=10)]
+
+    def truth(db: Path) -> list[list[tuple[str, float]]]:
+        cache_path(db).unlink(missing_ok=True)
+        return answer(db)  # also writes the cache of db's current state
+
+    for db, name in ((first, "a"), (second, "b")):
+        with semdb.connect(db, encoder=encoder, bits=BITS, codec="pq") as conn:
+            conn.ingest(collections[name].folders, batch_size=16, train_size=40)
+    shutil.copy(first, backup)
+    caches = {"backup": (truth(backup), cache_path(backup).read_bytes())}
+    with semdb.connect(first, encoder=encoder) as conn:
+        conn.ingest(collections["later"].folders, batch_size=16)
+    caches["later"] = (truth(first), cache_path(first).read_bytes())
+    caches["second"] = (truth(second), cache_path(second).read_bytes())
+    targets = {"backup": backup, "later": first, "second": second}
+    trials = 0
+    while trials < args.cache_trials and time.monotonic() < deadline:
+        trials += 1
+        # A mutated copy of one database's own cache.
+        name = rng.choice(list(targets))
+        expected, good = caches[name]
+        cache_path(targets[name]).write_bytes(mutate(good, rng))
+        try:
+            got = answer(targets[name])
+            report.record("cache/mutation", got == expected, f"{name}: answers differ from the uncached ones")
+        except Exception as error:
+            report.record("cache/mutation", False, f"{name}: {type(error).__name__}: {error}")
+        # Another database's, a backup's or a later state's cache in place of the right one.
+        owner, other = rng.sample(list(targets), 2)
+        cache_path(targets[owner]).write_bytes(caches[other][1])
+        try:
+            got = answer(targets[owner])
+            report.record("cache/swap", got == caches[owner][0], f"{other}'s cache used for {owner}")
+        except Exception as error:
+            report.record("cache/swap", False, f"{other} on {owner}: {type(error).__name__}: {error}")
+    why = "count" if trials >= args.cache_trials else "time limit"
+    report.parts["cache"] = f"{trials} rounds of one mutation and one swap; stopped at {why}"
+
+
 def print_report(report: Report, as_json: bool) -> None:
     """A table of trials and failures by kind (or JSON), the parts' stop reasons, then the notes."""
     if as_json:
@@ -790,19 +869,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=50, help="SIGKILL cycles (part 1)")
     parser.add_argument("--rounds", type=int, default=20, help="concurrency rounds (part 2)")
     parser.add_argument("--fuzz", type=int, default=200, help="adversarial files (part 3)")
+    parser.add_argument("--cache-trials", type=int, default=100, help="cache mutations and swaps (part 4)")
     parser.add_argument("--seconds", type=float, default=300, help="time limit of each part")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--writers", type=int, default=4)
     parser.add_argument("--searchers", type=int, default=4)
     parser.add_argument("--rss-limit-mb", type=int, default=1536, help="peak RSS allowed for the fuzz ingest")
-    parser.add_argument("--parts", default="kill,concurrent,fuzz", help="comma-separated subset to run")
+    parser.add_argument("--parts", default="kill,concurrent,fuzz,cache", help="comma-separated subset to run")
     parser.add_argument("--keep", action="store_true", help="keep the working folder (its path is printed)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="semdb-stress-"))
     report = Report()
-    parts = {"kill": part_kill, "concurrent": part_concurrent, "fuzz": part_fuzz}
+    parts = {"kill": part_kill, "concurrent": part_concurrent, "fuzz": part_fuzz, "cache": part_cache}
     try:
         for name in args.parts.split(","):
             parts[name](report, args, work, rng)

@@ -19,7 +19,20 @@ HARNESS = REPO / "benchmarks" / "stress.py"
 
 def test_stress_harness_short_run_passes_every_check() -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, str(HARNESS), "--kills", "5", "--rounds", "1", "--fuzz", "40", "--seconds", "60"]
+    command = [
+        sys.executable,
+        str(HARNESS),
+        "--kills",
+        "5",
+        "--rounds",
+        "1",
+        "--fuzz",
+        "40",
+        "--cache-trials",
+        "5",
+        "--seconds",
+        "60",
+    ]
     result = subprocess.run([*command, "--json"], capture_output=True, text=True, env=env, timeout=600)
     assert result.stdout.strip(), result.stderr
     report = json.loads(result.stdout)
