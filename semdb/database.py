@@ -279,7 +279,10 @@ class Database:
         report = IngestReport()
         writer = BatchWriter(
             store,
-            CodecChoice(settings.get("codec", DEFAULT_CODEC), int(to_record.get("bits_per_image") or stored_bits or DEFAULT_BITS)),
+            CodecChoice(
+                settings.get("codec", DEFAULT_CODEC),
+                int(to_record.get("bits_per_image") or stored_bits or DEFAULT_BITS),
+            ),
             train_size=train_size,
             dim=encoder.dim,
             train_codec=lambda name, embeddings, bits: train_codec(name, embeddings, bits),
