@@ -93,14 +93,14 @@ def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, set[s
     if os.geteuid() != 0:
         locked.chmod(0)
     else:  # root reads anything: make this one file's open fail as it would for a normal user
-        real_open = open
+        real_open = semdb.images._open_for_reading
 
-        def guarded_open(file: object, *args: object, **kwargs: object) -> object:
-            if os.fspath(file) == str(locked):  # type: ignore[call-overload]
+        def guarded_open(path: str) -> int:
+            if path == str(locked):
                 raise PermissionError(13, "Permission denied")
-            return real_open(file, *args, **kwargs)  # type: ignore[call-overload]
+            return real_open(path)
 
-        monkeypatch.setattr(semdb.images, "open", guarded_open, raising=False)
+        monkeypatch.setattr(semdb.images, "_open_for_reading", guarded_open)
     return root, good, bad
 
 
@@ -146,9 +146,20 @@ def test_header_bombs_are_refused_before_decoding() -> None:
     # Below PIL's own limit but above semdb's default: caught by semdb's check, from the header alone.
     with pytest.raises(semdb.errors.ImageReadError, match="over the 64000000 pixel limit"):
         semdb.images.decode_image(png_header_only(9_000, 9_000))
-    # Far above PIL's limit: PIL refuses to open it at all.
-    with pytest.raises(semdb.errors.ImageReadError, match="decompression bomb"):
+    # Far above PIL's limit, and the user allowed it: semdb's limit replaces PIL's, and the file
+    # (a header with no pixel data) is reported for what it is.
+    with pytest.raises(semdb.errors.ImageReadError, match="truncated"):
         semdb.images.decode_image(png_header_only(100_000, 100_000), max_pixels=10**11)
+
+
+def test_semdb_pixel_limit_replaces_pillows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # as if Pillow's limit were below the image
+    assert semdb.images.decode_image(image_bytes("PNG", size=64), max_pixels=5000).size == (64, 64)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored after decoding
+    with pytest.raises(semdb.errors.ImageReadError, match="pixel limit"):
+        semdb.images.decode_image(image_bytes("PNG", size=64), max_pixels=4000)
 
 
 def test_jpeg_decoded_at_reduced_scale_keeps_its_original_size() -> None:
@@ -159,7 +170,8 @@ def test_jpeg_decoded_at_reduced_scale_keeps_its_original_size() -> None:
     assert small.size == (64, 64)  # decoded at 1/8 scale, the smallest that keeps 64 px
     assert small.info[semdb.images.ORIGINAL_SIZE_KEY] == (512, 512)
     png = semdb.images.decode_image(image_bytes("PNG", size=512), min_side=64)
-    assert png.size == (512, 512)  # only JPEG has DCT scaling
+    assert png.size == (64, 64)  # no DCT scaling, so reduced right after decoding
+    assert png.info[semdb.images.ORIGINAL_SIZE_KEY] == (512, 512)
 
 
 def test_ingest_records_the_full_size_of_jpegs_decoded_small(tmp_path: Path) -> None:
