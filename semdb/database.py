@@ -360,12 +360,7 @@ class Database:
                 active = repository.active_codec()
                 stored_bits = repository.int_setting("bits_per_image")
         bits = active.bits_per_image if active else stored_bits
-        database_bytes = 0
-        if self.path is not None:
-            for suffix in ("", "-wal"):
-                candidate = self.path.with_name(self.path.name + suffix)
-                if candidate.exists():
-                    database_bytes += candidate.stat().st_size
+        database_bytes = self._store.size_bytes() if self._store is not None else 0
         return Stats(
             path=self.location,
             images=counts.indexed,

@@ -326,6 +326,16 @@ class Store:
             return str(error) or fallback
         return "\n".join(str(row[0]) for row in rows)
 
+    def size_bytes(self) -> int:
+        """Bytes the database occupies on disk (with its write-ahead log); 0 where that is not known."""
+        if self.path is None:
+            return 0
+        total = 0
+        for suffix in ("", "-wal"):
+            with contextlib.suppress(OSError):
+                total += self.path.with_name(self.path.name + suffix).stat().st_size
+        return total
+
     def compact(self) -> bool:
         """Give free pages back to the file system (SQLite ``VACUUM``); False when another writer
         holds the lock (the space is then reused by later writes instead)."""
