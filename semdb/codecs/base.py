@@ -14,9 +14,61 @@ import faiss
 import numpy as np
 
 from semdb.cosine import CosineIndex, inverse_norms
-from semdb.errors import InvalidArgumentError
+from semdb.errors import DatabaseDamagedError, InvalidArgumentError
 
 DECODE_CHUNK = 65_536  # codes decoded at a time when only a statistic of the reconstructions is kept
+
+# Bounds on what a stored codec state may describe, checked before anything it describes is
+# allocated: a database is a file users hand each other, and its codec state is untrusted bytes.
+# Generous next to real embeddings (CLIP: 512-1280 dimensions; codes of 16-1024 bits).
+MAX_DIM = 16_384
+MAX_BITS = 16_384
+MAX_STATE_BYTES = 256 * 2**20
+
+
+class CodecStateError(DatabaseDamagedError, InvalidArgumentError):
+    """A stored codec state is damaged or foreign: its one-line message says which field is wrong.
+
+    Also an :class:`InvalidArgumentError`, which foreign states raised before this class existed.
+    """
+
+
+def damaged(codec: str, detail: str) -> CodecStateError:
+    """The error for a damaged ``codec`` state, e.g. ``damaged("pq", "header says dim=0")``."""
+    return CodecStateError(f"stored codec state is damaged: {codec} {detail}")
+
+
+def check_state_size(codec: str, state: bytes) -> bytes:
+    """Return ``state`` as bytes if it is bytes of at most :data:`MAX_STATE_BYTES`."""
+    if not isinstance(state, bytes | bytearray | memoryview):
+        raise damaged(codec, f"state is a {type(state).__name__}, not bytes")
+    if len(state) > MAX_STATE_BYTES:
+        raise damaged(codec, f"state is {len(state)} bytes, over the {MAX_STATE_BYTES} limit")
+    return bytes(state)
+
+
+def check_state_int(codec: str, field: str, value: object, low: int, high: int) -> int:
+    """Return ``value`` if it is an integer (not a bool) in ``low..high``, else a :func:`damaged` error."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise damaged(codec, f"header says {field}={value!r}, not an integer")
+    if not low <= value <= high:
+        raise damaged(codec, f"header says {field}={value}, outside {low}..{high}")
+    return int(value)
+
+
+def check_state_bits(codec: str, bits_per_image: object) -> int:
+    """Return a stored bit rate if it is a multiple of 8 in ``8..MAX_BITS``."""
+    bits = check_state_int(codec, "bits_per_image", bits_per_image, 8, MAX_BITS)
+    if bits % 8:
+        raise damaged(codec, f"header says bits_per_image={bits}, not a multiple of 8")
+    return bits
+
+
+def check_finite(codec: str, field: str, values: np.ndarray) -> np.ndarray:
+    """Return ``values`` if all are finite: a NaN or infinite weight would make every score NaN."""
+    if not np.isfinite(values).all():
+        raise damaged(codec, f"state has non-finite values in {field}")
+    return values
 
 
 def check_bits(bits_per_image: int) -> int:

@@ -2,7 +2,8 @@
 
 Each codec wraps one trained FAISS index whose standalone codec (``sa_encode``/``sa_decode``) makes
 codes of exactly ``bits_per_image / 8`` bytes; the state is FAISS's own serialisation of that index
-(``faiss.serialize_index``), not pickle. All three use the inner-product metric, so
+(``faiss.serialize_index``), not pickle, read back by a strict parser (:mod:`semdb.codecs.faiss_state`)
+rather than by FAISS, which trusts the sizes it reads. All three use the inner-product metric, so
 :meth:`search_index` scores ``<query, decoded item>`` straight from the codes (asymmetric distance).
 
 **Layout.** ``bits_per_image = M × nbits``: ``M`` sub-quantisers (PQ/OPQ: sub-vectors, ``d % M == 0``;
@@ -21,12 +22,22 @@ whenever ``n < 2 d`` (too few vectors to learn a d × d rotation from; FAISS abo
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Self
+from abc import abstractmethod
+from typing import Any, Self
 
 import faiss
 import numpy as np
 
-from semdb.codecs.base import Codec, as_embeddings, check_bits
+from semdb.codecs.base import Codec, as_embeddings, check_bits, check_state_size, damaged
+from semdb.codecs.faiss_state import (
+    PQState,
+    RQState,
+    StateReader,
+    pq_layout_fits,
+    read_pq_index,
+    read_rotated_pq_index,
+    read_rq_index,
+)
 from semdb.errors import InvalidArgumentError
 
 # nbits in order of preference: 8 (FAISS's byte-aligned fast path), then smaller codebooks, which
@@ -42,7 +53,11 @@ def choose_layout(dim: int, bits_per_image: int, n_train: int, split_dims: bool)
     centroids than training vectors, else the smallest valid ``nbits`` (see the module docstring).
     """
     bits = check_bits(bits_per_image)
-    valid = [nbits for nbits in _NBITS_PREFERENCE if bits % nbits == 0 and _fits(dim, bits // nbits, nbits, split_dims)]
+    valid = [
+        nbits
+        for nbits in _NBITS_PREFERENCE
+        if bits % nbits == 0 and pq_layout_fits(dim, bits // nbits, nbits, split_dims)
+    ]
     if not valid:
         raise InvalidArgumentError(
             f"no product-quantiser layout for {dim}-d embeddings at {bits} bits: need M sub-vectors of "
@@ -52,16 +67,6 @@ def choose_layout(dim: int, bits_per_image: int, n_train: int, split_dims: bool)
     trainable = [nbits for nbits in valid if 2**nbits <= n_train]
     nbits = trainable[0] if trainable else min(valid)
     return bits // nbits, nbits
-
-
-def _fits(dim: int, M: int, nbits: int, split_dims: bool) -> bool:
-    """Whether ``M`` quantisers of ``nbits`` can code ``dim``-d vectors (see :func:`choose_layout`)."""
-    if not split_dims:
-        return True
-    if dim < M or dim % M:
-        return False
-    # FAISS's SIMD distance tables for 2-d sub-vectors need codebooks of a multiple of 8 entries.
-    return dim // M != 2 or nbits >= 3
 
 
 def byte_aligned_pq(centroids: np.ndarray, bits: int, first_index_high: bool) -> Any:
@@ -138,6 +143,26 @@ def _cyclic_codebook(vectors: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(vectors[np.arange(size) % len(vectors)], dtype=np.float32)
 
 
+def pq_index(pq: PQState) -> Any:
+    """A trained, empty inner-product ``IndexPQ`` with the centroids of ``pq``."""
+    index: Any = faiss.IndexPQ(pq.dim, pq.M, pq.nbits, faiss.METRIC_INNER_PRODUCT)
+    _set_vector(index.pq.centroids, pq.centroids)
+    index.is_trained = True
+    return index
+
+
+def rotated_index(codec: str, matrix: np.ndarray, pq: PQState) -> Any:
+    """``IndexPreTransform`` of the orthonormal ``matrix`` ``(m, d)`` in front of an ``IndexPQ`` of
+    ``pq`` (``m``-d); a matrix whose rows are not orthonormal is a damaged ``codec`` state, since
+    decoding goes through its transpose."""
+    index = transformed_index(matrix, pq_index(pq))
+    transform: Any = faiss.downcast_VectorTransform(index.chain.at(0))
+    transform.set_is_orthonormal()  # FAISS's own test, as when it reads a transform
+    if not transform.is_orthonormal:
+        raise damaged(codec, "rotation matrix has rows that are not orthonormal")
+    return index
+
+
 def _set_vector(vector: faiss.Float32Vector, values: np.ndarray) -> None:
     """Overwrite a FAISS float vector with ``values`` (any shape, flattened)."""
     vector.resize(0)
@@ -155,8 +180,6 @@ def _quiet(clustering: faiss.ClusteringParameters, seed: int) -> None:
 
 class FaissCodec(Codec):
     """A codec backed by one trained FAISS index used through its standalone codec interface."""
-
-    index_types: ClassVar[tuple[type, ...]]
 
     def __init__(self, index: faiss.Index) -> None:
         super().__init__(index.d, index.sa_code_size() * 8)
@@ -197,21 +220,24 @@ class FaissCodec(Codec):
 
     @classmethod
     def from_bytes(cls, state: bytes) -> Self:
-        """Inverse of :meth:`to_bytes`; raises :class:`InvalidArgumentError` on foreign bytes."""
-        try:
-            index = faiss.deserialize_index(np.frombuffer(state, dtype=np.uint8))
-        except RuntimeError as error:
-            raise InvalidArgumentError(f"not a serialised {cls.name} codec: {error}") from None
-        if not isinstance(index, cls.index_types) or not index.is_trained:
-            raise InvalidArgumentError(f"not a serialised {cls.name} codec: got a {type(index).__name__}")
+        """Inverse of :meth:`to_bytes`: the state is parsed and checked field by field and the index
+        rebuilt from its arrays; raises :class:`~semdb.codecs.base.CodecStateError` on damaged or
+        foreign bytes (a one-line message naming the field)."""
+        reader = StateReader(cls.name, check_state_size(cls.name, state))
+        index = cls.rebuild(reader)
+        reader.finish()
         return cls(index)
+
+    @classmethod
+    @abstractmethod
+    def rebuild(cls, reader: StateReader) -> faiss.Index:
+        """The trained index serialised in ``reader``'s state, read to its end."""
 
 
 class PQCodec(FaissCodec):
     """Product quantiser: ``M`` sub-vectors of ``d / M`` dimensions, ``2**nbits`` centroids each."""
 
     name = "pq"
-    index_types = (faiss.IndexPQ,)
 
     @classmethod
     def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Self:
@@ -222,6 +248,12 @@ class PQCodec(FaissCodec):
         train_pq(index.pq, x, seed)
         index.is_trained = True
         return cls(index)
+
+    @classmethod
+    def rebuild(cls, reader: StateReader) -> faiss.Index:
+        """An ``IndexPQ`` (:func:`~semdb.codecs.faiss_state.read_pq_index`)."""
+        index: faiss.Index = pq_index(read_pq_index(reader))
+        return index
 
     def describe(self) -> str:
         """E.g. ``pq 64 bits (8x8)``: M sub-quantisers x nbits."""
@@ -243,7 +275,6 @@ class OPQCodec(FaissCodec):
     """OPQ rotation followed by a product quantiser (FAISS ``OPQM,PQMxnbits``)."""
 
     name = "opq"
-    index_types = (faiss.IndexPreTransform,)
 
     @classmethod
     def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Self:
@@ -272,6 +303,13 @@ class OPQCodec(FaissCodec):
         index.is_trained = True
         return cls(index)
 
+    @classmethod
+    def rebuild(cls, reader: StateReader) -> faiss.Index:
+        """A d x d rotation in front of an ``IndexPQ``."""
+        matrix, pq = read_rotated_pq_index(reader, square=True)
+        index: faiss.Index = rotated_index(cls.name, matrix, pq)
+        return index
+
     def describe(self) -> str:
         """E.g. ``opq 64 bits (8x8)``: M sub-quantisers x nbits."""
         pq = cast_index(cast_index(self.index).index).pq
@@ -282,7 +320,6 @@ class RQCodec(FaissCodec):
     """Residual quantiser: ``M`` stages of ``2**nbits`` full-dimensional centroids, beam-search encoded."""
 
     name = "rq"
-    index_types = (faiss.IndexResidualQuantizer,)
 
     @classmethod
     def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Self:
@@ -306,6 +343,21 @@ class RQCodec(FaissCodec):
             index.rq.is_trained = True
             index.is_trained = True
         return cls(index)
+
+    @classmethod
+    def rebuild(cls, reader: StateReader) -> faiss.Index:
+        """An ``IndexResidualQuantizer`` (:func:`~semdb.codecs.faiss_state.read_rq_index`)."""
+        rq: RQState = read_rq_index(reader)
+        index: Any = faiss.IndexResidualQuantizer(rq.dim, rq.M, rq.nbits, faiss.METRIC_INNER_PRODUCT)
+        _set_vector(index.rq.codebooks, rq.codebooks)
+        # What FAISS's reader would set too. It would also precompute the codebook cross-product
+        # tables, (M·2**nbits)² / 2 floats, which only beam-search LUTs use and semdb never enables.
+        index.rq.norm_min, index.rq.norm_max = rq.norm_min, rq.norm_max
+        index.rq.train_type, index.rq.max_beam_size = rq.train_type, rq.max_beam_size
+        index.rq.is_trained = True
+        index.is_trained = True
+        rebuilt: faiss.Index = index
+        return rebuilt
 
     def describe(self) -> str:
         """E.g. ``rq 64 bits (8x8)``: M stages x nbits."""

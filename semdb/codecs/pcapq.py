@@ -33,7 +33,15 @@ import faiss
 import numpy as np
 
 from semdb.codecs.base import as_embeddings, check_bits
-from semdb.codecs.faiss_codecs import FaissCodec, byte_aligned_pq, cast_index, train_pq, transformed_index
+from semdb.codecs.faiss_codecs import (
+    FaissCodec,
+    byte_aligned_pq,
+    cast_index,
+    rotated_index,
+    train_pq,
+    transformed_index,
+)
+from semdb.codecs.faiss_state import StateReader, read_rotated_pq_index
 from semdb.errors import InvalidArgumentError
 
 SUBVECTOR_DIMS = 8  # dimensions per sub-quantiser
@@ -88,7 +96,6 @@ class PCAPQCodec(FaissCodec):
     """Principal axes, then ``M`` 8-d sub-vectors of 16-word codebooks (module docstring)."""
 
     name = "pcapq"
-    index_types = (faiss.IndexPreTransform,)
 
     @classmethod
     def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0) -> Self:
@@ -119,14 +126,11 @@ class PCAPQCodec(FaissCodec):
         return scanner
 
     @classmethod
-    def from_bytes(cls, state: bytes) -> Self:
-        """Inverse of :meth:`to_bytes`; also checks the index is a rotation in front of a PQ."""
-        codec = super().from_bytes(state)
-        index = cast_index(codec.index)
-        transform = faiss.downcast_VectorTransform(index.chain.at(0)) if index.chain.size() == 1 else None
-        if not isinstance(transform, faiss.LinearTransform) or not isinstance(cast_index(index.index), faiss.IndexPQ):
-            raise InvalidArgumentError(f"not a serialised {cls.name} codec: not a rotation in front of a PQ")
-        return codec
+    def rebuild(cls, reader: StateReader) -> faiss.Index:
+        """The principal basis ``(m, d)``, ``m <= d``, in front of an ``IndexPQ``."""
+        basis, pq = read_rotated_pq_index(reader, square=False)
+        index: faiss.Index = rotated_index(cls.name, basis, pq)
+        return index
 
     def describe(self) -> str:
         """E.g. ``pcapq 64 bits (128 dims, 16x4)``: kept dimensions, M sub-quantisers x nbits."""
