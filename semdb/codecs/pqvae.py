@@ -45,19 +45,30 @@ from __future__ import annotations
 import json
 import math
 import struct
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from typing import Any, ClassVar, Self
 
 import faiss
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch.nn import functional as F
 
-from semdb.codecs.base import Codec, as_embeddings, check_bits
+from semdb.codecs.base import (
+    MAX_BITS,
+    MAX_DIM,
+    Codec,
+    as_embeddings,
+    check_bits,
+    check_state_bits,
+    check_state_int,
+    check_state_size,
+    damaged,
+)
 from semdb.codecs.faiss_codecs import byte_aligned_pq, index_holding, transformed_index
 from semdb.errors import InvalidArgumentError
 
@@ -65,6 +76,10 @@ ENCODERS = ("mlp", "principal")
 PRINCIPAL_CODEBOOK_BITS = 4  # the principal encoder's default: 16-word codebook (as pcapq's)
 CODEBOOK_BITS = 8  # default bits per sub-vector: one byte each, so any multiple of 8 bits fits
 PACKABLE_CODEBOOK_BITS = (1, 2, 4, 8)  # divisors of 8: indices pack into whole bytes
+# Bounds on a stored state (beyond those of semdb.codecs.base): its safetensors JSON header, and the
+# latent values per embedding (M x latent_dim; 16 384 bits of 1-bit words x 16 = 262 144).
+MAX_HEADER_BYTES = 2**20
+MAX_LATENT = 2**18
 
 
 @dataclass(frozen=True)
@@ -295,15 +310,23 @@ class PQVAECodec(Codec):
 
     @classmethod
     def from_bytes(cls, state: bytes) -> Self:
-        """Inverse of :meth:`to_bytes`; raises :class:`InvalidArgumentError` on foreign bytes."""
-        try:
-            (header_size,) = struct.unpack("<Q", state[:8])
-            metadata = json.loads(state[8 : 8 + header_size])["__metadata__"]
-            config = PQVAEConfig(**json.loads(metadata["pqvae"]))
+        """Inverse of :meth:`to_bytes`; raises :class:`~semdb.codecs.base.CodecStateError` on damaged
+        or foreign bytes. The config and the tensor table are checked against each other before
+        any weight is allocated, so a state cannot claim more memory than its own size."""
+        state = check_state_size(cls.name, state)
+        table, metadata, data_bytes = _safetensors_header(cls.name, state)
+        config = _stored_config(cls.name, metadata)
+        with torch.device("meta"):  # the shapes of the weights, allocating none
             model = PQVAE(config)
-            model.load_state_dict(load_safetensors(state))
-        except (struct.error, ValueError, KeyError, TypeError, RuntimeError) as error:
-            raise InvalidArgumentError(f"not a serialised pqvae codec: {error}") from None
+        _check_tensor_table(cls.name, table, model.state_dict(), data_bytes)
+        try:
+            tensors = load_safetensors(state)
+        except SafetensorError as error:
+            raise damaged(cls.name, f"weights are unreadable: {error}") from None
+        for key, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise damaged(cls.name, f"state has non-finite values in weight {key}")
+        model.load_state_dict(tensors, assign=True)
         return cls(model)
 
     def search_index(self, codes: np.ndarray) -> faiss.Index:
@@ -386,6 +409,91 @@ class PrincipalPQVAECodec(PQVAECodec):
         """:meth:`PQVAECodec.train` with ``encoder="principal"`` unless overridden."""
         overrides: dict[str, Any] = {"encoder": "principal", **hyper_parameters}
         return super().train(embeddings, bits_per_image, seed, **overrides)
+
+
+def _safetensors_header(codec: str, state: bytes) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """Split a safetensors ``state`` → ``(tensor table, metadata, bytes of tensor data)``, checking
+    the header's length before reading it."""
+    if len(state) < 8:
+        raise damaged(codec, f"state is {len(state)} bytes, too short for a safetensors header")
+    (size,) = struct.unpack_from("<Q", state)
+    if size > min(MAX_HEADER_BYTES, len(state) - 8):
+        raise damaged(codec, f"header says its JSON is {size} bytes, in a state of {len(state)}")
+    try:
+        header = json.loads(state[8 : 8 + size])
+    except (ValueError, RecursionError) as error:  # RecursionError: JSON nested too deeply
+        raise damaged(codec, f"header is not JSON: {error}") from None
+    metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        raise damaged(codec, "header has no metadata")
+    return header, metadata, len(state) - 8 - size
+
+
+def _stored_config(codec: str, metadata: dict[str, Any]) -> PQVAEConfig:
+    """The :class:`PQVAEConfig` in a state's ``metadata``, every field checked (type and bounds)."""
+    try:
+        values = json.loads(metadata["pqvae"])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise damaged(codec, "header has no pqvae config") from None
+    if not isinstance(values, dict):
+        raise damaged(codec, "config is not a JSON object")
+    kinds = {field.name: field.type for field in fields(PQVAEConfig)}
+    unknown = sorted(set(values) - set(kinds))
+    if unknown or not {"dim", "bits_per_image"} <= set(values):
+        raise damaged(codec, f"config has fields {sorted(values)}, not those of a pqvae config")
+    for name, value in values.items():
+        if kinds[name] == "int":
+            low, high = _INT_BOUNDS.get(name, (0, 2**31 - 1))
+            check_state_int(codec, name, value, low, high)
+        elif kinds[name] == "float" and (
+            isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
+        ):
+            raise damaged(codec, f"config says {name}={value!r}, not a finite number")
+        elif kinds[name] == "str" and not isinstance(value, str):
+            raise damaged(codec, f"config says {name}={value!r}, not a string")
+    config = PQVAEConfig(**values)
+    check_state_bits(codec, config.bits_per_image)
+    if config.codebook_bits not in PACKABLE_CODEBOOK_BITS:
+        raise damaged(codec, f"config says codebook_bits={config.codebook_bits}, not one of {PACKABLE_CODEBOOK_BITS}")
+    if config.encoder not in ENCODERS:
+        raise damaged(codec, f"config says encoder={config.encoder!r}, not one of {ENCODERS}")
+    latent = config.subvectors * config.latent_dim
+    if latent > MAX_LATENT or (config.encoder == "principal" and latent > config.dim):
+        raise damaged(codec, f"config says {config.subvectors} x {config.latent_dim} latent values, dim={config.dim}")
+    return config
+
+
+# (low, high) of the stored integer config fields; others must lie in 0..2**31 - 1.
+_INT_BOUNDS = {
+    "dim": (1, MAX_DIM),
+    "bits_per_image": (8, MAX_BITS),
+    "latent_dim": (1, MAX_LATENT),
+    "hidden": (0, MAX_DIM),
+}
+
+
+def _check_tensor_table(codec: str, table: dict[str, Any], expected: dict[str, torch.Tensor], data_bytes: int) -> None:
+    """Check a safetensors tensor ``table`` lists exactly the float32 weights ``expected`` (the
+    model's state dict, on the meta device) and that their data fill exactly ``data_bytes``."""
+    if set(table) != set(expected):
+        odd = sorted(set(table) ^ set(expected))
+        raise damaged(codec, f"tensors {odd[:3]} are missing or unexpected for its config")
+    spans = []
+    for key, tensor in expected.items():
+        entry, shape = table[key], list(tensor.shape)
+        if not isinstance(entry, dict) or entry.get("dtype") != "F32" or entry.get("shape") != shape:
+            raise damaged(codec, f"tensor {key} is not F32 of shape {shape}")
+        span = entry.get("data_offsets")
+        size = 4 * math.prod(shape)
+        if not (isinstance(span, list) and len(span) == 2 and all(type(v) is int for v in span)):
+            raise damaged(codec, f"tensor {key} has data offsets {span!r}")
+        if span[1] - span[0] != size:
+            raise damaged(codec, f"tensor {key} has {span[1] - span[0]} bytes of data, its shape needs {size}")
+        spans.append(span)
+    spans.sort()
+    ends = [0] + [end for _, end in spans]
+    if [start for start, _ in spans] != ends[:-1] or ends[-1] != data_bytes:
+        raise damaged(codec, f"tensors do not tile its {data_bytes} bytes of data")
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
