@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from semdb.codecs.base import Codec, as_embeddings, check_bits
+from semdb.codecs.base import MAX_DIM, Codec, CodecStateError, as_embeddings, check_bits, check_state_size, damaged
 from semdb.errors import InvalidArgumentError
 
 # name -> "module:ClassName"; extend with register_codec().
@@ -81,22 +81,60 @@ def train_codec(
     return QueryWeightedCodec.train(x, bits_per_image, seed=seed, base_name=name, queries=queries, **hyper_parameters)
 
 
-def load_codec(name: str, state: bytes) -> Codec:
-    """Restore a codec of type ``name`` from the bytes of :meth:`Codec.to_bytes` (query-weighted or not)."""
-    cls = codec_class(name)
+def load_codec(name: str, state: bytes, bits_per_image: int | None = None) -> Codec:
+    """Restore a codec of type ``name`` from the bytes of :meth:`Codec.to_bytes` (query-weighted or
+    not); ``bits_per_image``: the rate the caller has on record, which the codec must have.
+
+    Both come from a database, which may be damaged or crafted: whatever is wrong, this raises
+    :class:`CodecStateError` with a one-line message. Each ``from_bytes`` checks its format's fields
+    and sizes before allocating what they describe; any other error escaping it (a bug, or a case
+    those checks miss) is converted here as a last resort. The restored codec must then code one
+    vector into a code of its size and back.
+    """
+    try:
+        cls = codec_class(name)
+    except InvalidArgumentError as error:
+        raise CodecStateError(f"stored codec state is damaged: {error}") from None
+    state = check_state_size(name, state)
     from semdb.codecs.query_weighted import MAGIC, QueryWeightedCodec
 
-    if not state.startswith(MAGIC):
-        return cls.from_bytes(state)
-    codec = QueryWeightedCodec.from_bytes(state)
-    if codec.base_name != name:
-        raise InvalidArgumentError(f"the stored codec is a query-weighted {codec.base_name}, not {name}")
+    try:
+        if state.startswith(MAGIC):
+            weighted = QueryWeightedCodec.from_bytes(state)
+            if weighted.base_name != name:
+                raise damaged(name, f"state is a query-weighted {weighted.base_name}, not {name}")
+            codec: Codec = weighted
+        else:
+            codec = cls.from_bytes(state)
+        _check_restored(name, codec)
+        if bits_per_image is not None and codec.bits_per_image != bits_per_image:
+            raise damaged(name, f"state codes {codec.bits_per_image} bits per image, not {bits_per_image} as on record")
+    except CodecStateError:
+        raise
+    except Exception as error:  # the last resort described above
+        detail = str(error).splitlines()[0] if str(error) else ""
+        raise damaged(name, f"state could not be restored ({type(error).__name__}: {detail[:200]})") from None
     return codec
+
+
+def _check_restored(name: str, codec: Codec) -> None:
+    """Fail unless ``codec`` codes a ``(1, dim)`` vector into ``(1, code_size)`` uint8 and back."""
+    if not 1 <= codec.dim <= MAX_DIM or codec.code_size * 8 != codec.bits_per_image:
+        raise damaged(name, f"restored codec has dim={codec.dim}, {codec.bits_per_image} bits")
+    probe = np.zeros((1, codec.dim), dtype=np.float32)
+    probe[0, 0] = 1.0
+    codes = codec.encode(probe)
+    if codes.shape != (1, codec.code_size) or codes.dtype != np.uint8:
+        raise damaged(name, f"restored codec makes codes of shape {codes.shape}, not (1, {codec.code_size})")
+    decoded = codec.decode(codes)
+    if decoded.shape != (1, codec.dim):
+        raise damaged(name, f"restored codec decodes to shape {decoded.shape}, not (1, {codec.dim})")
 
 
 __all__ = [
     "DEFAULT_CODEC",
     "Codec",
+    "CodecStateError",
     "codec_class",
     "list_codecs",
     "load_codec",

@@ -26,17 +26,33 @@ was the best or near-best of 0.03–1 in a sweep on RQ at 32 and 64 bits.
 from __future__ import annotations
 
 import io
+import math
+import struct
+import zipfile
 from typing import Any, Self
 
 import faiss
 import numpy as np
 
-from semdb.codecs.base import Codec, as_embeddings
+from semdb.codecs.base import (
+    MAX_STATE_BYTES,
+    Codec,
+    CodecStateError,
+    as_embeddings,
+    check_finite,
+    check_state_size,
+    damaged,
+)
 from semdb.codecs.faiss_codecs import transformed_index
 from semdb.errors import InvalidArgumentError
 
 DEFAULT_RIDGE = 0.3
 MAGIC = b"semdb-query-weighted-v1\n"  # starts the serialised state, which wraps the base codec's
+# A stored W is (d, d) and its inverse is computed in float64: d = 4096 makes 64 MiB of W and
+# about 400 MiB while inverting. Far above real embeddings (CLIP: at most 1280 dimensions).
+MAX_WEIGHTED_DIM = 4096
+# The arrays of the stored .npz: (dtype, or None for a string of at most 64 characters; dimensions).
+_MEMBERS = {"weights": (np.dtype("<f4"), 2), "base_name": (None, 0), "base_state": (np.dtype("u1"), 1)}
 
 
 def query_weights(queries: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
@@ -56,6 +72,56 @@ def query_weights(queries: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarr
     values, vectors = np.linalg.eigh(covariance / trace + ridge * np.eye(d) / d)
     weights: np.ndarray = ((vectors * np.sqrt(values)) @ vectors.T).astype(np.float32)
     return weights
+
+
+# What zipfile raises on a malformed archive (RuntimeError: "encrypted"; ValueError: bad offsets).
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, RuntimeError, ValueError, struct.error)
+
+
+def _read_npz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` that :meth:`QueryWeightedCodec.to_bytes` writes, parsed strictly:
+    exactly the members of :data:`_MEMBERS`, stored uncompressed (as ``np.savez`` writes them), each
+    of its dtype, and as many bytes as its header's shape says, checked before any array exists.
+
+    ``np.load`` is not used: it allocates the shape an array's header claims before reading its
+    data, and would inflate a compressed member of any size."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+            if sorted(member.filename for member in members) != sorted(f"{name}.npy" for name in _MEMBERS):
+                raise damaged("query-weighted", "archive holds other members than weights, base_name, base_state")
+            for member in members:
+                if member.compress_type != zipfile.ZIP_STORED or member.file_size > len(data):
+                    raise damaged("query-weighted", f"archive member {member.filename} is compressed or oversized")
+                name = member.filename.removesuffix(".npy")
+                arrays[name] = _read_npy(name, archive.read(member))
+    except CodecStateError:
+        raise
+    except _ZIP_ERRORS as error:
+        raise damaged("query-weighted", f"archive is unreadable: {error}") from None
+    return arrays
+
+
+def _read_npy(name: str, raw: bytes) -> np.ndarray:
+    """One ``.npy`` member ``raw`` of the archive → a read-only array viewing its bytes."""
+    expected, ndim = _MEMBERS[name]
+    stream = io.BytesIO(raw)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        shape, fortran_order, dtype = read_header[version](stream)
+    except (ValueError, KeyError, SyntaxError, TypeError, RecursionError):  # numpy's on a malformed header
+        raise damaged("query-weighted", f"array {name} has a malformed header") from None
+    string = expected is None and dtype.kind == "U" and dtype.itemsize <= 4 * 64
+    if not (dtype == expected or string) or len(shape) != ndim:
+        raise damaged("query-weighted", f"array {name} is {dtype} of shape {shape}")
+    if fortran_order or (name == "weights" and not 1 <= shape[0] <= MAX_WEIGHTED_DIM):
+        raise damaged("query-weighted", f"array {name} has shape {shape}, over the {MAX_WEIGHTED_DIM} limit")
+    size, start = math.prod(shape) * dtype.itemsize, stream.tell()
+    if size > MAX_STATE_BYTES or size != len(raw) - start:
+        raise damaged("query-weighted", f"array {name} has {len(raw) - start} bytes; shape {shape} needs {size}")
+    return np.frombuffer(raw, dtype=dtype, count=math.prod(shape), offset=start).reshape(shape)
 
 
 class QueryWeightedCodec(Codec):
@@ -130,19 +196,29 @@ class QueryWeightedCodec(Codec):
 
     @classmethod
     def from_bytes(cls, state: bytes) -> Self:
-        """Inverse of :meth:`to_bytes`; raises :class:`InvalidArgumentError` on foreign bytes."""
-        from semdb.codecs import load_codec
+        """Inverse of :meth:`to_bytes`; raises :class:`~semdb.codecs.base.CodecStateError` on damaged
+        or foreign bytes, including the base codec's."""
+        from semdb.codecs import list_codecs, load_codec
 
+        state = check_state_size(cls.name, state)
         if not state.startswith(MAGIC):
-            raise InvalidArgumentError("not a serialised query-weighted codec")
+            raise damaged(cls.name, "state does not start with the query-weighted header")
+        arrays = _read_npz(state[len(MAGIC) :])
+        base_name, base_state = str(arrays["base_name"][()]), arrays["base_state"].tobytes()
+        if base_name not in list_codecs():
+            raise damaged(cls.name, f"state wraps an unknown codec {base_name[:40]!r}")
+        if base_state.startswith(MAGIC):
+            raise damaged(cls.name, "state wraps another query-weighted state")
+        base = load_codec(base_name, base_state)
+        weights = check_finite(cls.name, "weight matrix", arrays["weights"])
+        if weights.shape != (base.dim, base.dim):
+            raise damaged(cls.name, f"weight matrix is {weights.shape}, its base codec codes {base.dim}-d vectors")
         try:
-            with np.load(io.BytesIO(state[len(MAGIC) :]), allow_pickle=False) as archive:
-                weights = archive["weights"]
-                base_name = str(archive["base_name"])
-                base_state = archive["base_state"].tobytes()
-        except (OSError, ValueError, KeyError) as error:
-            raise InvalidArgumentError(f"not a serialised query-weighted codec: {error}") from None
-        return cls(load_codec(base_name, base_state), base_name, weights)
+            codec = cls(base, base_name, weights)
+        except np.linalg.LinAlgError:
+            raise damaged(cls.name, "weight matrix is singular") from None
+        check_finite(cls.name, "inverse weight matrix", codec.inverse)
+        return codec
 
     def describe(self) -> str:
         """E.g. ``rq 32 bits (4x8), query-weighted``."""
