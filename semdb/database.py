@@ -211,7 +211,7 @@ class Database:
     def _load_codec(self, row: CodecRow) -> Codec:
         """The stored codec ``row``, deserialised once per process and checked against its record."""
         if row.id not in self._codecs:
-            codec = load_codec(row.name, row.state)
+            codec = load_codec(row.name, row.state, bits_per_image=row.bits_per_image)
             if (codec.dim, codec.bits_per_image) != (row.dim, row.bits_per_image):
                 raise DatabaseDamagedError(
                     f"{self.location} is damaged: codec {row.id} says {row.dim}-d at {row.bits_per_image} bits, "
