@@ -72,6 +72,8 @@ def ingest(folder: Path, database: Path, *extra: str) -> dict[str, float]:
     if not lines:
         raise SystemExit(f"ingest failed: {result.stderr.strip()[-500:]}")
     figures: dict[str, float] = json.loads(lines[-1])
+    report = json.loads(result.stdout[: result.stdout.index('{"code"')])
+    figures["added"], figures["skipped"] = report["added"], len(report["skipped"])
     return figures
 
 
@@ -104,6 +106,7 @@ def main() -> None:
                     name,
                     len(list(folder.iterdir())),
                     figures["code"],
+                    f"{figures['added']:.0f}/{figures['skipped']:.0f}",
                     f"{peak_mib:.0f}",
                     f"{peak_mib / baseline:.2f}",
                     f"{figures['cpu_s']:.1f}",
@@ -112,7 +115,7 @@ def main() -> None:
             )
     print_table(
         "semdb ingest, bundled model, default batch size (64)",
-        ["variant", "files", "exit", "peak RSS MiB", "× small", "CPU s", "wall s"],
+        ["variant", "files", "exit", "added/skipped", "peak RSS MiB", "× small", "CPU s", "wall s"],
         rows,
     )
 
