@@ -15,6 +15,7 @@ downloaded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from PIL import Image
 from torchvision import transforms
 
 from semdb.errors import ModelUnavailableError
+from semdb.images import pad_to_aspect_ratio
 
 ARCH = "tiny_fashion"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -76,14 +78,15 @@ def make_preprocess(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
 
     Greyscale, then the longest side resized to ``image_size`` and the rest padded with black, so a
     whole item stays in view as in Fashion-MNIST (white item on black). No inversion: dark-on-light
-    pictures are out of this model's domain.
+    pictures are out of this model's domain. A strip is padded with black to a bounded aspect ratio
+    first (the same picture in the end), since open_clip's resize would give its short side 0 pixels.
     """
     import open_clip
 
     clip_transform = open_clip.image_transform(
         image_size, is_train=False, mean=PIXEL_MEAN, std=PIXEL_STD, resize_mode="longest", fill_color=0
     )
-    return transforms.Compose([_to_grayscale, clip_transform])
+    return transforms.Compose([_to_grayscale, functools.partial(pad_to_aspect_ratio, side=image_size), clip_transform])
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from semdb.errors import InvalidArgumentError, ModelUnavailableError
+from semdb.images import pad_to_aspect_ratio
 
 if TYPE_CHECKING:  # torch is imported lazily: commands that never load a model start fast
     import torch
@@ -30,6 +31,8 @@ if TYPE_CHECKING:  # torch is imported lazily: commands that never load a model 
 DEFAULT_MODEL = "ViT-B-32:laion2b_s34b_b79k"
 BUNDLED_MODEL = "tiny-fashion"
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+# The input side assumed for a model that does not report one (CLIP's usual 224 px).
+_DEFAULT_INPUT_SIDE = 224
 
 
 class Encoder(Protocol):
@@ -93,15 +96,21 @@ class OpenClipEncoder:
         self.dim = int(self.encode_texts(["a photo"]).shape[1])
 
     def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """``n`` PIL images → ``(n, dim)`` float32, L2-normalised."""
+        """``n`` PIL images of any size and mode → ``(n, dim)`` float32, L2-normalised.
+
+        Strips beyond :data:`~semdb.images.MAX_ASPECT_RATIO` are padded to it first: open_clip's
+        resizes give a 1000:1 strip a side of 0 pixels (fit modes) or of 224,000 (crop modes).
+        """
         import torch
 
         if not images:
             return np.zeros((0, self.dim), dtype=np.float32)
+        side = self.image_size or _DEFAULT_INPUT_SIDE
         chunks = []
         with torch.inference_mode():
             for start in range(0, len(images), self.batch_size):
-                pixels = torch.stack([self.preprocess(image) for image in images[start : start + self.batch_size]])
+                batch = images[start : start + self.batch_size]
+                pixels = torch.stack([self.preprocess(pad_to_aspect_ratio(image, side)) for image in batch])
                 chunks.append(_normalise(self.model.encode_image(pixels.to(self.device))))
         return np.concatenate(chunks)
 

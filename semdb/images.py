@@ -6,8 +6,13 @@ reason (recorded in the database and reported), never an exception that stops an
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
+import importlib
 import io
+import math
 import os
 import stat
 import struct
@@ -21,14 +26,34 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from semdb.errors import ImageReadError
+from semdb.paths import display_path as display_path  # re-exported: it used to live here
 
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif"}
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".webp",
+        ".gif",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".avif",
+        ".heic",
+        ".heif",
+        ".jxl",
+    }
 )
 # Wider or taller images are padded (black) to this ratio before the model sees them: models resize
 # the shorter (or the longer) side to their input, and a 1000:1 strip would become a side of 0
 # pixels, or a 224 x 224,000 one.
 MAX_ASPECT_RATIO = 20
+# Downscaling filter: Lanczos after a box reduce() by the integer part of the factor (reducing_gap),
+# which Pillow documents as indistinguishable from a full Lanczos resample, at a fraction of the cost.
+_RESAMPLE = Image.Resampling.LANCZOS
+_REDUCING_GAP = 3.0
 # ISO base media ("ftyp") brands of formats Pillow may lack a decoder for, and what adds one.
 _ISOBMFF_BRANDS = {
     b"heic": ("HEIC", "pillow-heif"),
@@ -39,6 +64,8 @@ _ISOBMFF_BRANDS = {
     b"avif": ("AVIF", "a Pillow built with AVIF support (Pillow >= 11.3 wheels)"),
     b"avis": ("AVIF", "a Pillow built with AVIF support (Pillow >= 11.3 wheels)"),
 }
+# The plugin packages that add a decoder to Pillow, by the import name that registers them.
+_PLUGIN_REGISTRARS = {"pillow_heif": "register_heif_opener", "pillow_jxl": None, "pillow_avif": None}
 # Pillow's own decompression-bomb limit is a process-wide setting; semdb's limit (max_pixels)
 # replaces it for semdb's own decoding, swapped in under this lock.
 _PIXEL_LIMIT_LOCK = threading.Lock()
@@ -177,10 +204,8 @@ def read_bytes(path: str) -> bytes:
     """
     try:
         descriptor = _open_for_reading(path)
-    except PermissionError:
-        raise ImageReadError("permission denied (unreadable file)") from None
     except OSError as error:
-        raise ImageReadError(f"cannot read: {error.strerror or error}") from None
+        raise ImageReadError(_open_failure(path, error)) from None
     try:
         before = os.fstat(descriptor)
         if not stat.S_ISREG(before.st_mode):
@@ -208,21 +233,67 @@ def read_bytes(path: str) -> bytes:
     return data
 
 
+def _open_failure(path: str, error: OSError) -> str:
+    """The one-line reason ``os.open(path)`` failed with ``error``."""
+    if isinstance(error, PermissionError):
+        return "permission denied (unreadable file)"
+    if error.errno == errno.ENOENT:
+        if os.path.islink(path):
+            return "broken symlink (its target does not exist)"
+        return "file vanished before it could be read (moved or deleted)"
+    if error.errno == errno.ELOOP:
+        return "symlink loop"
+    if error.errno in (errno.ENXIO, errno.ENODEV):  # what open() says of a socket or a device with no driver
+        with contextlib.suppress(OSError):
+            return f"not a regular file ({_file_kind(os.stat(path).st_mode)})"
+    return f"cannot read: {error.strerror or error}"
+
+
 @contextmanager
-def _pillow_limit_off() -> Iterator[None]:
-    """Switch Pillow's own limit off while opening: :func:`decode_image` applies ``max_pixels``
-    right after, from the header, before any pixel is decoded."""
+def _pillow_limit_at_least(max_pixels: int) -> Iterator[None]:
+    """Raise Pillow's own limit to ``max_pixels`` while opening, where it is lower.
+
+    :func:`decode_image` applies ``max_pixels`` itself right after, from the header, before any
+    pixel is decoded. Pillow's limit is a process-wide global, so this is a compromise: the lock
+    keeps semdb's threads from restoring each other's values, and the global is only ever raised
+    (never switched off), to semdb's limit, for the time of an ``Image.open`` (a header parse), so
+    another thread opening an image at that moment gets a guard no looser than ``max_pixels``.
+    Serialising whole decodes instead would stall the decode thread behind a query's.
+    """
     with _PIXEL_LIMIT_LOCK:
         previous = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
+        if previous is not None and previous < max_pixels:
+            Image.MAX_IMAGE_PIXELS = max_pixels
         try:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = previous
 
 
+@functools.cache
+def _register_decoder_plugins() -> None:
+    """Let Pillow open HEIC/HEIF, JPEG XL and AVIF through the plugin packages installed here, once."""
+    for module_name, registrar in _PLUGIN_REGISTRARS.items():
+        try:
+            module = importlib.import_module(module_name)  # pillow_jxl and pillow_avif register on import
+        except ImportError:
+            continue
+        if registrar is not None:
+            getattr(module, registrar)()
+
+
+def _bomb_refusal(size: tuple[int, int], max_pixels: int) -> str:
+    width, height = size
+    return (
+        f"possible decompression bomb, not decoded: {width}x{height} = {width * height} pixels, "
+        f"over the {max_pixels} pixel limit (raise --max-pixels to allow it)"
+    )
+
+
 def _missing_decoder(data: bytes) -> str | None:
-    """The reason an image in a container Pillow cannot read here was refused, if it is one."""
+    """The reason an image in a format Pillow cannot read here was refused, if it is one."""
+    if data.startswith((b"\xff\x0a", b"\0\0\0\x0cJXL \r\n\x87\n")):  # a JPEG XL codestream, or its container
+        return "JPEG XL images cannot be decoded here: install pillow-jxl-plugin"
     if data[4:8] != b"ftyp":
         return None
     known = _ISOBMFF_BRANDS.get(data[8:12])
@@ -232,15 +303,63 @@ def _missing_decoder(data: bytes) -> str | None:
     return f"{name} images cannot be decoded here: install {remedy}"
 
 
-def _bounded_aspect(image: Image.Image) -> Image.Image:
-    """Pad ``image`` with black so that neither side is more than :data:`MAX_ASPECT_RATIO` times the other."""
+def _resizable(image: Image.Image) -> Image.Image:
+    """``image`` in a mode that Pillow reduces and resizes with real filters, as few bands as will do.
+
+    Pillow's ``reduce`` refuses 1-bit, palette and 16-bit images, ``resize`` refuses 16-bit ones and
+    takes the nearest pixel for 1-bit and palette ones; greys stay one band (cheaper than RGB until
+    the last step).
+    """
+    if image.mode == "1":
+        return image.convert("L")
+    if image.mode in ("P", "PA"):
+        return image.convert("RGBA" if image.has_transparency_data else "RGB")
+    if image.mode.startswith("I;16"):
+        return _grey_to_8_bits(image)
+    return image
+
+
+def _ratio_for(side: int, max_ratio: int = MAX_ASPECT_RATIO) -> int:
+    """The aspect ratio strips are padded to for a model of input ``side``: ``max_ratio``, or ``side``
+    if smaller, so that a resize of the long side to ``side`` leaves the short one at least a pixel."""
+    return min(max_ratio, max(1, side))
+
+
+def _target_size(size: tuple[int, int], min_side: int) -> tuple[int, int]:
+    """The smallest size worth keeping of an image of ``size`` for a model that wants ``min_side``.
+
+    The shorter side is brought down to ``min_side``, and the longer one to at most ``ratio *
+    min_side`` (:func:`_ratio_for`): :func:`pad_to_aspect_ratio` would shrink it to that anyway.
+    Never enlarged.
+    """
+    width, height = size
+    scale = min(1.0, min_side / min(width, height), _ratio_for(min_side) * min_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def pad_to_aspect_ratio(image: Image.Image, side: int, max_ratio: int = MAX_ASPECT_RATIO) -> Image.Image:
+    """``image`` if neither side is more than ``max_ratio`` times the other; else the image, its long
+    side shrunk to at most ``max_ratio * side``, centred on a black canvas of exactly that ratio.
+
+    ``side`` is the model's input side (the ratio is held to at most that, :func:`_ratio_for`). What
+    a fit-and-pad model sees of a strip is unchanged (it pads with black anyway); a crop model sees
+    the strip across the centre of its square. The canvas costs at most ``max_ratio * side²`` pixels,
+    however long the strip.
+    """
+    ratio = _ratio_for(side, max_ratio)
     width, height = image.size
-    if max(width, height) <= MAX_ASPECT_RATIO * min(width, height):
+    long, short = max(width, height), min(width, height)
+    if long <= ratio * short:
         return image
-    side = -(-max(width, height) // MAX_ASPECT_RATIO)  # ceil
-    padded = Image.new("RGB", (max(width, side), max(height, side)))
-    padded.paste(image, ((padded.width - width) // 2, (padded.height - height) // 2))
-    return padded
+    image = _resizable(image)
+    new_long = min(long, ratio * side)
+    if new_long < long:
+        new_short = max(1, round(short * new_long / long))
+        image = image.resize((new_long, new_short) if width >= height else (new_short, new_long), _RESAMPLE)
+    canvas_short = math.ceil(new_long / ratio)
+    canvas = Image.new(image.mode, (new_long, canvas_short) if width >= height else (canvas_short, new_long))
+    canvas.paste(image, ((canvas.width - image.width) // 2, (canvas.height - image.height) // 2))
+    return canvas
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> Image.Image:
@@ -248,47 +367,55 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
 
     GIFs and other multi-frame formats give their first frame. ``min_side``: the caller only needs
     the image with its shorter side at least this long, so a JPEG is decoded at 1/2, 1/4 or 1/8
-    scale (DCT scaling) and any other image is reduced right after decoding: what is kept costs
-    about ``min_side²`` pixels, not the original's. The full size stays in
-    ``image.info[ORIGINAL_SIZE_KEY]``. The result is padded to an aspect ratio of at most
-    :data:`MAX_ASPECT_RATIO`. ``max_pixels`` replaces Pillow's own decompression-bomb limit, up or down.
+    scale (DCT scaling) and every image is then resized, as soon as it is decoded and before it is
+    made RGB, to :func:`_target_size` (short side ``min_side``, long side at most
+    ``MAX_ASPECT_RATIO * min_side``) and padded to that aspect ratio (:func:`pad_to_aspect_ratio`):
+    what a batch keeps costs at most ``MAX_ASPECT_RATIO * min_side²`` pixels per image, not the
+    original's. Without ``min_side`` the image keeps its decoded size (within ``max_pixels``).
+    The full size stays in ``image.info[ORIGINAL_SIZE_KEY]``. ``max_pixels`` replaces Pillow's own
+    decompression-bomb limit, up or down.
     """
     if not data:
         raise ImageReadError("empty file (0 bytes)")
+    _register_decoder_plugins()
+    width = height = 0
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; we want a hard limit.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with _pillow_limit_off():
+            with _pillow_limit_at_least(max_pixels):
                 image: Image.Image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageReadError(
-                    f"possible decompression bomb, not decoded: {width}x{height} = {width * height} pixels, "
-                    f"over the {max_pixels} pixel limit (raise --max-pixels to allow it)"
-                )
+                raise ImageReadError(_bomb_refusal((width, height), max_pixels))
             if width < 1 or height < 1:
                 raise ImageReadError(f"image has no pixels ({width}x{height})")
             image.seek(0)
-            if min_side is not None and image.format == "JPEG":
+            target = (width, height) if min_side is None else _target_size((width, height), min_side)
+            if target != (width, height) and image.format in ("JPEG", "MPO"):
                 # draft() picks the smallest DCT scale whose result is at least the requested size.
-                scale = max(1, min(width, height) // min_side)
-                image.draft("RGB", (max(1, width // scale), max(1, height // scale)))
+                image.draft(None, target)
             image.load()
+            if image.size != target:
+                image = _resizable(image).resize(target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
             if min_side is not None:
-                factor = min(image.size) // min_side
-                if factor >= 2:
-                    image = image.reduce(factor)  # box filter over factor x factor blocks: fast, no aliasing
+                image = pad_to_aspect_ratio(image, min_side)
             rgb = _to_rgb(image)
-            rgb = _bounded_aspect(rgb)
             rgb.info[ORIGINAL_SIZE_KEY] = (width, height)
             return rgb
     except ImageReadError:
         raise
     except UnidentifiedImageError:
         raise ImageReadError(_missing_decoder(data) or "not an image, or corrupt (format not recognised)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageReadError(f"possible decompression bomb, not decoded: {error}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's limit is at least max_pixels while semdb opens an image, so this image (or one of
+        # its frames) is over semdb's limit; Pillow raised before the size was known here.
+        if width and height:
+            raise ImageReadError(_bomb_refusal((width, height), max_pixels)) from None
+        raise ImageReadError(
+            f"possible decompression bomb, not decoded: over the {max_pixels} pixel limit "
+            "(raise --max-pixels to allow it)"
+        ) from None
     except MemoryError:
         raise ImageReadError("not enough memory to decode this image (lower --max-pixels)") from None
     except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, struct.error) as error:
@@ -296,12 +423,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
         raise ImageReadError(f"corrupt or truncated image: {message}") from None
 
 
+def _grey_to_8_bits(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit or float grey image → mode ``L``: 16-bit scaled from its full range, the
+    others from their maximum (Pillow's own conversion clips them at 255)."""
+    pixels = np.asarray(image, dtype=np.float32)
+    top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
+    return Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8))
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any mode → RGB: transparency over black, 16-bit and float greys scaled to 8 bits."""
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        pixels = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(pixels.max()), 1.0)
-        return Image.fromarray(np.clip(pixels / top * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        return _grey_to_8_bits(image).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
