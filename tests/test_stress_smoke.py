@@ -39,7 +39,7 @@ def test_stress_harness_short_run_passes_every_check() -> None:
     failures = {kind: check["first"] for kind, check in report["checks"].items() if check["failures"]}
     assert result.returncode == 0 and report["ok"], f"failed checks: {json.dumps(failures, indent=1)}"
     # Every kind of check actually ran.
-    assert {part.split("/")[0] for part in report["checks"]} == {"kill", "concurrent", "same-folder", "fuzz"}
+    assert {part.split("/")[0] for part in report["checks"]} == {"kill", "concurrent", "same-folder", "fuzz", "cache"}
     idle = [kind for kind, check in report["checks"].items() if check["trials"] == 0]
     assert not idle, f"checks that never ran: {idle}"
-    assert set(report["parts"]) == {"kill", "concurrent", "fuzz"}
+    assert set(report["parts"]) == {"kill", "concurrent", "fuzz", "cache"}
