@@ -445,5 +445,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike[str], max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read and decode the image at ``path`` (e.g. a query image)."""
-    return decode_image(read_bytes(os.fspath(path)), max_pixels)
+    """Read and decode the image at ``path`` (e.g. a query image); errors name the path."""
+    name = os.fspath(path)
+    if not os.path.lexists(name):
+        raise ImageReadError(f"cannot read {display_path(name)}: no such file")
+    try:
+        return decode_image(read_bytes(name), max_pixels)
+    except ImageReadError as error:
+        raise ImageReadError(f"cannot use {display_path(name)}: {error}") from None

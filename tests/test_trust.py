@@ -323,3 +323,33 @@ def test_a_crafted_database_gets_one_line_never_a_crash(tmp_path: Path, crafting
         db.search_vectors(FakeEncoder().encode_texts(["red"]), k=3)
         db.ingest(tmp_path / "images")
     assert "\n" not in str(error.value) and "damaged" in str(error.value), str(error.value)
+
+
+def test_content_pruned_by_another_writer_mid_batch_is_retried_not_a_crash(tmp_path: Path) -> None:
+    from semdb.ingest import BatchWriter, CodecChoice, IngestReport
+    from semdb.ingest.writer import Prepared
+
+    database = tmp_path / "db.semdb"
+    write_colour_images(tmp_path / "images", per_colour=2)
+    db = semdb.connect(database, encoder=FakeEncoder(), bits=16)
+    db.ingest(tmp_path / "images")
+    assert db.store is not None
+    report = IngestReport()
+    writer = BatchWriter(
+        db.store,
+        CodecChoice("pq", 16),
+        train_size=10,
+        dim=32,
+        train_codec=lambda *_: pytest.fail("nothing to train"),
+        load_codec=lambda row: semdb.codecs.load_codec(row.name, row.state),
+        report=report,
+    )
+    # This writer saw the content stored (so it did not embed it); another writer's prune deleted it since.
+    gone = Prepared(str(tmp_path / "late.png"), size=10, mtime_ns=10, sha256="0" * 64)
+    writer.commit([gone], embeddings={})
+    assert [reason for _, reason in report.skipped] == [
+        "its content was removed by another ingest while this one ran; run ingest again"
+    ]
+    with sqlite3.connect(database) as connection:
+        row = connection.execute("SELECT size, mtime_ns, status FROM images WHERE path = ?", (os.fsencode(gone.path),))
+        assert row.fetchone() == (None, None, "skipped")  # no stat kept: the next run reads the file again

@@ -145,6 +145,12 @@ class BatchWriter:
         updates: list[dict[str, object]] = []
         changed = False
         for item in batch:
+            if item.error is None and item.sha256 is not None and item.sha256 not in content_ids:
+                # Stored when this writer looked, deleted by another writer's prune since: nothing to
+                # link to. No size or mtime, so that the next run reads the file again.
+                item.error = "its content was removed by another ingest while this one ran; run ingest again"
+                item.size = item.mtime_ns = None
+        for item in batch:
             record = records.get(item.path)
             if item.error is not None or item.sha256 is None:
                 reason = item.error or "not decoded"
