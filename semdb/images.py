@@ -54,6 +54,17 @@ MAX_ASPECT_RATIO = 20
 # which Pillow documents as indistinguishable from a full Lanczos resample, at a fraction of the cost.
 _RESAMPLE = Image.Resampling.LANCZOS
 _REDUCING_GAP = 3.0
+# EXIF orientation tag → the transpose that shows the picture upright (the EXIF 2.3 table).
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 # ISO base media ("ftyp") brands of formats Pillow may lack a decoder for, and what adds one.
 _ISOBMFF_BRANDS = {
     b"heic": ("HEIC", "pillow-heif"),
@@ -396,8 +407,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: in
                 # draft() picks the smallest DCT scale whose result is at least the requested size.
                 image.draft(None, target)
             image.load()
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
             if image.size != target:
                 image = _resizable(image).resize(target, _RESAMPLE, reducing_gap=_REDUCING_GAP)
+            if orientation in _EXIF_TRANSPOSE:
+                # Phones store pictures sideways and say how to turn them; the model should see them upright.
+                image = image.transpose(_EXIF_TRANSPOSE[orientation])
             if min_side is not None:
                 image = pad_to_aspect_ratio(image, min_side)
             rgb = _to_rgb(image)

@@ -532,3 +532,17 @@ def test_every_bad_path_is_absolute_from_any_working_folder(tmp_path: Path, monk
     for working, roots in [(tmp_path, ["photos", "photos/missing"]), (folder / "sub", ["..", "../missing"])]:
         monkeypatch.chdir(working)
         assert {item.path: item.reason for item in find_images(roots) if isinstance(item, BadFile)} == expected
+
+
+@pytest.mark.parametrize("min_side", [None, 8])
+def test_exif_orientation_is_applied(min_side: int | None) -> None:
+    # A 40 x 20 picture, left half red, stored with "rotate 90° clockwise to view" (orientation 6).
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image = decode_image(encoded(Image.fromarray(pixels), "JPEG", exif=exif, quality=95), min_side=min_side)
+    width, height = image.size
+    assert height > width  # upright: taller than wide
+    top = np.asarray(image)[: height // 4].mean(axis=(0, 1))
+    assert top[0] > 150 and top[1] < 100  # the red half is now on top
