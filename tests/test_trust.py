@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -353,3 +354,36 @@ def test_content_pruned_by_another_writer_mid_batch_is_retried_not_a_crash(tmp_p
     with sqlite3.connect(database) as connection:
         row = connection.execute("SELECT size, mtime_ns, status FROM images WHERE path = ?", (os.fsencode(gone.path),))
         assert row.fetchone() == (None, None, "skipped")  # no stat kept: the next run reads the file again
+
+
+class PickyEncoder(FakeEncoder):
+    """Refuses images 7 px wide, as a model's preprocessing may refuse an odd image."""
+
+    def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if any(image.width == 7 for image in images):
+            raise ValueError("height and width must be > 0")
+        return super().encode_images(images)
+
+
+def test_an_image_the_model_refuses_is_skipped_and_the_batch_goes_on(tmp_path: Path) -> None:
+    labels = write_colour_images(tmp_path / "images", per_colour=3)
+    Image.new("RGB", (7, 30), (200, 0, 0)).save(tmp_path / "images" / "odd.png")
+    shutil.copy(tmp_path / "images" / "odd.png", tmp_path / "images" / "odd-copy.png")
+    db = semdb.connect(tmp_path / "db.semdb", encoder=PickyEncoder(), bits=16)
+    report = db.ingest(tmp_path / "images")
+    assert report.added == len(labels)
+    reasons = {Path(path).name: reason for path, reason in report.skipped}
+    assert set(reasons) == {"odd.png", "odd-copy.png"}
+    assert all(
+        reason == "the model could not take this image: height and width must be > 0" for reason in reasons.values()
+    )
+
+
+def test_an_error_every_image_meets_still_stops_the_ingest(tmp_path: Path) -> None:
+    class BrokenEncoder(FakeEncoder):
+        def encode_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+            raise RuntimeError("CUDA out of memory")
+
+    write_colour_images(tmp_path / "images", per_colour=1)
+    with pytest.raises(RuntimeError, match="CUDA out of memory"):
+        semdb.connect(tmp_path / "db.semdb", encoder=BrokenEncoder(), bits=16).ingest(tmp_path / "images")

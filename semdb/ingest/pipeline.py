@@ -157,13 +157,33 @@ class Ingestor:
         for item in prepared:
             if item.error is None and item.sha256 is not None and item.sha256 not in stored:
                 to_encode.setdefault(item.sha256, item)
-        embeddings: dict[str, np.ndarray] = {}
-        if to_encode:
-            vectors = self.encoder.encode_images([item.image for item in to_encode.values() if item.image is not None])
-            embeddings = dict(zip(to_encode, vectors, strict=True))
+        embeddings = self._embed(to_encode) if to_encode else {}
+        refused = {sha: item.error for sha, item in to_encode.items() if item.error is not None}
         for item in prepared:
+            if item.error is None and item.sha256 in refused:
+                item.error = refused[item.sha256]  # a copy, under another path, of a file the model refused
             item.image = None  # the pixels are not needed past this point
         self.writer.commit(prepared, embeddings)
+
+    def _embed(self, to_encode: dict[str, Prepared]) -> dict[str, np.ndarray]:
+        """sha256 → ``(d,)`` embedding of each item, as one batch; if the batch fails, one image at a
+        time, so that an image the model's preprocessing refuses is skipped with the reason (its
+        ``error`` set) instead of failing the batch. An error every image meets is raised."""
+        items = list(to_encode.values())
+        try:
+            vectors = self.encoder.encode_images([item.image for item in items if item.image is not None])
+            return dict(zip(to_encode, vectors, strict=True))
+        except Exception as batch_error:
+            embeddings: dict[str, np.ndarray] = {}
+            for sha, item in to_encode.items():
+                try:
+                    embeddings[sha] = self.encoder.encode_images([item.image] if item.image is not None else [])[0]
+                except Exception as error:
+                    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                    item.error = f"the model could not take this image: {message}"
+            if not embeddings:
+                raise batch_error
+            return embeddings
 
     def _prune(self, roots: Sequence[str]) -> None:
         """Forget images under ``roots`` whose files are gone from disk."""
