@@ -37,6 +37,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import semdb
 import semdb.ingest
+import semdb.ingest.pipeline
+import semdb.ingest.writer
 from semdb.encoder import BUNDLED_MODEL, OpenClipEncoder, load_encoder
 from semdb.errors import SemdbError
 from semdb.images import decode_image, file_sha256, read_bytes
@@ -122,10 +124,11 @@ class TimedEncoder:
 
 @contextlib.contextmanager
 def instrumented() -> Iterator[dict[str, float]]:
-    """Time semdb's decode worker (``_prepare_batch``), batch commits and final codec training."""
+    """Time semdb's decode worker (``prepare_batch``), batch encode + commits and final codec training."""
     spent = {"prepare": 0.0, "commit": 0.0, "finish": 0.0}
-    module = semdb.ingest
-    originals = (module._prepare_batch, module.Ingestor._commit_batch, module.Ingestor.finish_training)
+    pipeline = semdb.ingest.pipeline
+    writer = semdb.ingest.writer.BatchWriter
+    originals = (pipeline.prepare_batch, pipeline.Ingestor._commit, writer.finish_training)
     prepare_batch, commit_batch, finish_training = originals
 
     def timed_prepare(*args: object) -> object:
@@ -142,20 +145,20 @@ def instrumented() -> Iterator[dict[str, float]]:
         finally:
             spent["commit"] += time.perf_counter() - started
 
-    def timed_finish(self: semdb.ingest.Ingestor) -> None:
+    def timed_finish(self: semdb.ingest.BatchWriter) -> None:
         started = time.perf_counter()
         try:
             finish_training(self)
         finally:
             spent["finish"] += time.perf_counter() - started
 
-    module._prepare_batch = timed_prepare  # type: ignore[assignment]
-    module.Ingestor._commit_batch = timed_commit  # type: ignore[method-assign,assignment]
-    module.Ingestor.finish_training = timed_finish  # type: ignore[method-assign]
+    pipeline.prepare_batch = timed_prepare  # type: ignore[assignment]
+    pipeline.Ingestor._commit = timed_commit  # type: ignore[method-assign,assignment]
+    writer.finish_training = timed_finish  # type: ignore[method-assign]
     try:
         yield spent
     finally:
-        module._prepare_batch, module.Ingestor._commit_batch, module.Ingestor.finish_training = originals
+        pipeline.prepare_batch, pipeline.Ingestor._commit, writer.finish_training = originals
 
 
 def run_bare(encoder: OpenClipEncoder, images: Sequence[Image.Image], batch_size: int) -> float:
