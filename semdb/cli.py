@@ -243,9 +243,8 @@ def _add_stats(subparsers: Any) -> None:
 def _cmd_migrate(args: argparse.Namespace) -> int:
     with connect(args.db or default_database_path(), create=False) as db:
         db.migrate()
-        revision = db.setting("format")
     if args.json:
-        _print_json({"database": db.location, "format": revision, "up_to_date": True})
+        _print_json({"database": db.location, "up_to_date": True})
     else:
         stdout.print(f"{db.location}: schema up to date", highlight=False)
     return 0

@@ -34,35 +34,30 @@ def current_index(
             return previous
         dim = repository.int_setting("dim", 0) or 0
         counts = repository.coded_counts()
-        codec_rows = {codec_id: repository.codec(codec_id) for codec_id in counts}
-        staged_ids, staged = repository.staged_images(dim) if dim else (np.empty(0, np.int64), np.empty((0, 0)))
-        expected = {
-            codec_id: (count, row.dim)
-            for codec_id, count in counts.items()
-            if (row := codec_rows[codec_id]) is not None
-        }
-        if len(expected) != len(counts):
+        stored = {codec_id: repository.codec(codec_id) for codec_id in counts}
+        codec_rows = {codec_id: row for codec_id, row in stored.items() if row is not None}
+        if len(codec_rows) != len(counts):
             raise DatabaseDamagedError(f"{store.location} is damaged: codes refer to a codec that is not stored")
+        staged_ids, staged = repository.staged_images(dim) if dim else (np.empty(0, np.int64), np.empty((0, 0)))
+        expected = {codec_id: (count, codec_rows[codec_id].dim) for codec_id, count in counts.items()}
         groups = load_cache(cache_file, tag, expected) if cache_file is not None else None
         raw: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if groups is None:
             for codec_id, row in codec_rows.items():
-                assert row is not None  # checked above
                 try:
                     raw[codec_id] = repository.coded_images(codec_id, row.bits_per_image // 8)
                 except ValueError:
                     raise DatabaseDamagedError(
                         f"{store.location} is damaged: a stored code does not have the length of codec {codec_id}"
                     ) from None
-    if groups is None:
-        groups = []
-        for codec_id, (ids, codes) in raw.items():
-            row = codec_rows[codec_id]
-            assert row is not None
-            groups.append(CodedGroup(codec_id, load_codec(row).cosine_index(codes), ids))
-        index = SearchIndex(tag, groups, flat_index(staged), staged_ids)
-        if cache_file is not None and store.path is not None:
-            with contextlib.suppress(OSError):
-                save_cache(index, cache_file, mode=store.path.stat().st_mode & 0o666)
-        return index
-    return SearchIndex(tag, groups, flat_index(staged), staged_ids)
+    if groups is not None:
+        return SearchIndex(tag, groups, flat_index(staged), staged_ids)
+    groups = [
+        CodedGroup(codec_id, load_codec(codec_rows[codec_id]).cosine_index(codes), ids)
+        for codec_id, (ids, codes) in raw.items()
+    ]
+    index = SearchIndex(tag, groups, flat_index(staged), staged_ids)
+    if cache_file is not None and store.path is not None:
+        with contextlib.suppress(OSError):
+            save_cache(index, cache_file, mode=store.path.stat().st_mode & 0o666)
+    return index
