@@ -4,10 +4,10 @@ Tables::
 
     settings  key → value (model spec, embedding dim, codec name, bits per image, the database id,
               the change counter and token the index cache is tagged with)
-    codecs    trained codec states; exactly one is active (a unique partial index makes a second
+    codecs    trained codec states (with their coarse centroids and report); exactly one is active (a unique partial index makes a second
               active codec impossible), earlier ones stay referenced by the codes they made
     contents  one row per distinct file content (sha256): width, height
-    codes     content → code (bits_per_image / 8 bytes) and the codec that made it
+    codes     content → code (bits_per_image / 8 bytes), the codec that made it, its inverted list
     staged    content → float32 embedding, kept only until the codec is trained
     images    path (bytes) → content, size, mtime, status ('indexed' or 'skipped') and the skip reason
 
@@ -67,6 +67,10 @@ class CodecRecord(Base):
     trained_on: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     active: Mapped[bool] = mapped_column(Boolean, server_default=false())
+    # float32 coarse centroids (lists × dim) trained with the codec, for inverted-list search; NULL: flat scan.
+    lists: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # JSON: why this codec was chosen and its fidelity measured on the collection's own images.
+    report: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         # At most one active codec, whatever the writers do: a second one violates this index.
@@ -97,6 +101,8 @@ class Code(Base):
     content_id: Mapped[int] = mapped_column(ForeignKey("contents.id", ondelete="CASCADE"), primary_key=True)
     codec_id: Mapped[int] = mapped_column(ForeignKey("codecs.id"), index=True)
     code: Mapped[bytes] = mapped_column(LargeBinary)
+    # The inverted list the embedding fell in (assigned at ingest from the float vector); NULL: no lists.
+    list_no: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class StagedEmbedding(Base):
