@@ -36,8 +36,9 @@ def _add_db_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--db",
         default=None,
-        metavar="FILE",
-        help=f"database file (default: ${DB_ENV_VAR}, else ./{DEFAULT_DB_FILENAME})",
+        metavar="FILE|URL",
+        help=f"database file, or a PostgreSQL URL postgresql+psycopg://USER:PASSWORD@HOST/DB "
+        f"(default: ${DB_ENV_VAR}, else ./{DEFAULT_DB_FILENAME})",
     )
 
 

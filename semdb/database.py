@@ -38,6 +38,8 @@ from semdb.ingest import (
     resolve_roots,
 )
 from semdb.store import CodecRow, Counts, Repository, Store
+from semdb.store.client_cache import client_cache_path, keep_client_cache
+from semdb.store.postgres import display_url
 
 DEFAULT_BITS = 128
 # No codec here spends more than a byte per embedding dimension; this bound is checked before a
@@ -113,6 +115,7 @@ class Database:
         self.on_wait = on_wait
         self._encoder = encoder
         self._index: SearchIndex | None = None
+        self._cache_file: Path | None = None
         self._codecs: dict[int, Codec] = {}
         # Validate before anything is opened, so that a mistake never leaves a database behind.
         if bits is not None:
@@ -144,6 +147,10 @@ class Database:
             if not (error.older and create):
                 raise
             return  # an older schema: the first ingest migrates it
+        except NotReadyError:
+            if not (create and self.url is not None):
+                raise
+            return  # an empty server database: the first ingest creates the tables
         with self._store.reading() as repository:
             self._check_binding(repository)
 
@@ -179,8 +186,8 @@ class Database:
 
     @property
     def location(self) -> str:
-        """The database file path, or its URL."""
-        return str(self.path) if self.path is not None else str(self.url)
+        """The database file path, or its URL (without the password)."""
+        return str(self.path) if self.path is not None else display_url(str(self.url))
 
     @property
     def store(self) -> Store | None:
@@ -305,9 +312,21 @@ class Database:
         """The search index of the database's current state (see :func:`semdb.index.current_index`)."""
         if self._store is None:
             return SearchIndex("", [], None, np.empty(0, np.int64))
-        cache_file = cache_path(self.path) if self.path is not None else None
-        self._index = current_index(self._store, self._index, cache_file, self._load_codec)
+        cache_file = cache_path(self.path) if self.path is not None else self._client_cache_file()
+        previous = self._index
+        self._index = current_index(self._store, previous, cache_file, self._load_codec)
+        if self.path is None and self._index is not previous:
+            keep_client_cache(self._index, cache_file)
         return self._index
+
+    def _client_cache_file(self) -> Path:
+        """Where the index cache of a server database lives on this machine (see :mod:`semdb.store.client_cache`)."""
+        if self._cache_file is None:
+            assert self._store is not None and self.url is not None
+            with self._store.reading() as repository:
+                database_id = repository.setting("database_id") or ""
+            self._cache_file = client_cache_path(self.url, database_id)
+        return self._cache_file
 
     def search_vectors(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
         """Search with ready-made query embeddings ``(q, d)`` float32; one best-first list per query."""

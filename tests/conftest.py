@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# PostgreSQL and Ray fixtures (real servers started by the project).
+pytest_plugins = ["servers"]
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 200, 40),

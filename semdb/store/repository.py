@@ -242,9 +242,16 @@ class Repository:
         return int(self.connection.scalar(select(func.count()).select_from(StagedEmbedding)) or 0)
 
     def staged(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """Every staged embedding: ``(content_ids (n,) int64, embeddings (n, dim) float32)``."""
+        """Every staged embedding: ``(content_ids (n,) int64, embeddings (n, dim) float32)``.
+
+        In content-hash order, not id order: ids follow the order in which writers committed, and the
+        codec trained on these rows must not depend on that (a Ray ingest with several writers and a
+        single-process ingest of the same files train the same codec).
+        """
         rows = self.connection.execute(
-            select(StagedEmbedding.content_id, StagedEmbedding.embedding).order_by(StagedEmbedding.content_id)
+            select(StagedEmbedding.content_id, StagedEmbedding.embedding)
+            .join(Content, Content.id == StagedEmbedding.content_id)
+            .order_by(Content.sha256)
         ).all()
         return _ids_and_blobs(rows, np.float32, dim)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import QueuePool
 
 from semdb.errors import (
@@ -42,7 +42,7 @@ from semdb.errors import (
     SchemaVersionError,
     SemdbError,
 )
-from semdb.store import migrate
+from semdb.store import migrate, postgres
 from semdb.store.models import Base
 from semdb.store.repository import Repository
 
@@ -61,7 +61,10 @@ def _sqlite_path(location: str) -> Path | None:
     """The file behind ``location`` (a path or a ``sqlite:///`` URL); None for other URLs."""
     if "://" not in location:
         return Path(location).expanduser()
-    url = make_url(location)
+    try:
+        url = make_url(location)
+    except ArgumentError:
+        return None  # not a URL SQLAlchemy reads: refused, in one line, by postgres.parse_url
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         return Path(url.database).expanduser()
     return None
@@ -149,7 +152,8 @@ class Store:
         path = _sqlite_path(location)
         display = str(path) if path is not None and "://" not in location else location
         if path is None:
-            store = cls(create_engine(location), display, None, writable=write)
+            display = postgres.display_url(location)
+            store = cls(postgres.create_server_engine(location), display, None, writable=write)
         else:
             if _check_file(path, display, write=write, create=create) and not path.exists():
                 _create_sqlite(path)
@@ -196,8 +200,9 @@ class Store:
                 raise SchemaVersionError(
                     f"{self.location} was made by a newer semdb (schema {revision}); upgrade semdb to open it"
                 )
+            kind = "an SQLite file" if self.dialect == "sqlite" else "a database"
             raise NotASemdbDatabaseError(
-                f"{self.location} is not a semdb database (an SQLite file with tables: {', '.join(sorted(tables))}); "
+                f"{self.location} is not a semdb database ({kind} with tables: {', '.join(sorted(tables))}); "
                 "semdb leaves it untouched"
             )
         if missing:
@@ -226,8 +231,11 @@ class Store:
     @contextmanager
     def reading(self) -> Iterator[Repository]:
         """A read-only snapshot of the database."""
-        with self._translated(), self.engine.connect() as connection, connection.begin():
-            yield Repository(connection)
+        with self._translated(), self.engine.connect() as connection:
+            if self.dialect == "postgresql":
+                connection.execution_options(**postgres.READ_OPTIONS)
+            with connection.begin():
+                yield Repository(connection)
 
     @contextmanager
     def writing(self) -> Iterator[Repository]:
@@ -235,14 +243,23 @@ class Store:
         if not self.writable:
             raise ReadOnlyDatabaseError(f"{self.location} was opened for reading only")
         with self._translated(), self.engine.connect() as connection:
+            if self.dialect == "postgresql":
+                with connection.begin():
+                    postgres.lock(
+                        connection,
+                        self.location,
+                        timeout=self.lock_timeout,
+                        notice_after=WAIT_NOTICE_SECONDS,
+                        on_wait=self.on_wait,
+                    )
+                    yield Repository(connection)
+                return
             self._lock(connection)
             with connection.begin():
                 yield Repository(connection)
 
     def _lock(self, connection: Connection) -> None:
-        """Begin the transaction holding the write lock, queueing behind other writers."""
-        if self.dialect != "sqlite":
-            return  # other databases lock rows and tables as statements need them
+        """Begin the SQLite transaction holding the write lock, queueing behind other writers."""
         driver = connection.connection.driver_connection
         assert isinstance(driver, sqlite3.Connection)
         started = time.monotonic()
@@ -284,6 +301,8 @@ class Store:
             raise translated from None
 
     def _translate(self, error: BaseException | None) -> SemdbError | None:
+        if self.dialect == "postgresql":
+            return postgres.translate(error, self.location)
         message = str(error).lower()
         if "disk is full" in message or "database or disk is full" in message:
             return DiskFullError(
@@ -328,6 +347,11 @@ class Store:
 
     def size_bytes(self) -> int:
         """Bytes the database occupies on disk (with its write-ahead log); 0 where that is not known."""
+        if self.dialect == "postgresql":
+            with self.reading() as repository:
+                return int(
+                    repository.connection.exec_driver_sql("SELECT pg_database_size(current_database())").scalar() or 0
+                )
         if self.path is None:
             return 0
         total = 0

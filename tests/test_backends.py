@@ -1,0 +1,247 @@
+"""The store, migrations, ingest and search on both backends: an SQLite file and a real PostgreSQL server.
+
+Every test here runs once per backend (the ``database_location`` fixture of ``servers.py``); the
+PostgreSQL server is started by the project, never mocked. The tests at the end are PostgreSQL's
+own: connection errors, a foreign database, read snapshots and the index cache on the client.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from conftest import FakeEncoder, write_colour_images
+from PIL import Image
+from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
+
+import semdb
+from semdb.cli import main
+from semdb.errors import DatabaseNotFoundError, NotASemdbDatabaseError, SemdbError
+from semdb.store import Base, Store, migrate
+from semdb.store.postgres import parse_url
+
+
+def test_a_new_database_is_at_the_head_revision_and_matches_the_models(database_location: str) -> None:
+    store = Store.open(database_location, write=True, create=True)
+    with store.reading() as repository:
+        connection = repository.connection
+        assert migrate.current_revision(connection) == migrate.head_revision()
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+        columns = {column["name"]: column["type"] for column in inspect(connection).get_columns("codes")}
+        settings = repository.settings()
+    expected = "BYTEA" if store.dialect == "postgresql" else "BLOB"
+    assert str(columns["code"]) == expected
+    assert settings["format"] == "semdb" and len(settings["database_id"]) == 32
+    store.close()
+
+
+def test_the_revisions_run_down_and_up_again_with_data(database_location: str) -> None:
+    """0001 → head on a database holding rows: 0002's partial unique index and 0003's text → bytes paths."""
+    store = Store.open(database_location, write=True, create=True)
+    with store.writing() as repository:
+        command.downgrade(migrate.alembic_config(repository.connection), "0001")
+    with store.engine.connect() as connection, connection.begin():
+        connection.execute(
+            text(
+                "INSERT INTO images (path, status, updated_at) VALUES ('/photos/été.png', 'skipped', CURRENT_TIMESTAMP)"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO codecs (name, bits_per_image, dim, state, trained_on, created_at) "
+                "VALUES ('pq', 16, 32, :state, 1, CURRENT_TIMESTAMP)"
+            ),
+            {"state": b"x"},
+        )
+    store.close()
+    upgraded = Store.open(database_location, write=True)
+    with upgraded.reading() as repository:
+        assert migrate.current_revision(repository.connection) == migrate.head_revision()
+        assert list(repository.images_by_path(["/photos/été.png"])) == ["/photos/été.png"]
+        assert repository.active_codec_id() is not None
+    with pytest.raises(IntegrityError), upgraded.writing() as repository:
+        repository.add_active_codec("pq", 16, 32, b"other", trained_on=1)
+    upgraded.close()
+
+
+def test_a_writer_queues_behind_another_and_is_told_so(database_location: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from semdb.store import store as store_module
+
+    monkeypatch.setattr(store_module, "WAIT_NOTICE_SECONDS", 0.2)
+    first = Store.open(database_location, write=True, create=True)
+    messages: list[str] = []
+    second = Store.open(database_location, write=True, on_wait=messages.append)
+    holding = threading.Event()
+    order: list[str] = []
+
+    def hold_the_lock() -> None:
+        with first.writing() as repository:
+            repository.set_settings({"holder": "first"})
+            holding.set()
+            time.sleep(1.0)
+            order.append("first committed")
+
+    thread = threading.Thread(target=hold_the_lock)
+    thread.start()
+    holding.wait()
+    with second.writing() as repository:
+        order.append("second has the lock")
+        assert repository.setting("holder") == "first"  # it sees the first writer's commit
+    thread.join()
+    assert order == ["first committed", "second has the lock"]
+    assert len(messages) == 1 and "waiting for another ingest" in messages[0]
+    first.close()
+    second.close()
+
+
+def test_ingest_search_resume_and_bad_files(database_location: str, tmp_path: Path) -> None:
+    labels = write_colour_images(tmp_path / "images", per_colour=4)
+    (tmp_path / "images" / "notes.png").write_text("not an image\n")
+    (tmp_path / "images" / "copy.png").write_bytes((tmp_path / "images" / "red_0.png").read_bytes())
+    db = semdb.connect(database_location, encoder=FakeEncoder(), bits=16)
+    report = db.ingest(tmp_path / "images", batch_size=4, train_size=8)
+    assert (report.added, report.duplicates, report.codec_trained_on) == (len(labels), 1, 8)
+    assert [Path(path).name for path, _ in report.skipped] == ["notes.png"]
+    hits = db.search("blue", k=4)
+    assert [labels[hit.path] for hit in hits] == ["blue"] * 4
+    stats = db.stats()
+    assert (stats.images, stats.distinct_contents, stats.staged, stats.skipped) == (len(labels) + 1, len(labels), 0, 1)
+    again = db.ingest(tmp_path / "images", batch_size=4)
+    assert (again.added, again.unchanged) == (0, len(labels) + 1)
+    db.close()
+
+
+def test_four_concurrent_writers_train_one_codec_and_store_nothing_twice(
+    database_location: str, tmp_path: Path
+) -> None:
+    folders = [tmp_path / f"f{n}" for n in range(4)]
+    paths: list[str] = []
+    for n, folder in enumerate(folders):
+        paths += list(write_colour_images(folder, per_colour=3, seed=n + 1))
+    barrier = threading.Barrier(len(folders))
+    errors: list[BaseException] = []
+
+    def write(folder: Path) -> None:
+        try:
+            with semdb.connect(database_location, encoder=FakeEncoder(), bits=16) as db:
+                barrier.wait()
+                db.ingest([folder, folders[0]], batch_size=4, train_size=20)  # folders[0] by everyone
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=write, args=(folder,)) for folder in folders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    db = semdb.connect(database_location, encoder=FakeEncoder())
+    assert db.store is not None
+    with db.store.reading() as repository:
+        assert repository.codec_count() == 1
+        counts = repository.counts()
+    assert (counts.indexed, counts.contents, counts.staged) == (len(paths), len(paths), 0)
+    queries = FakeEncoder().encode_images([Image.open(path) for path in paths])
+    for path, hits in zip(paths, db.search_vectors(queries, k=len(paths)), strict=True):
+        own = [hit for hit in hits if hit.path == path]
+        assert own and own[0].score >= hits[0].score - 0.02, path
+    db.close()
+
+
+def test_stats_and_migrate_take_the_same_location_on_the_command_line(
+    database_location: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_colour_images(tmp_path / "images", per_colour=2)
+    semdb.connect(database_location, encoder=FakeEncoder(), bits=16).ingest(tmp_path / "images")
+    capsys.readouterr()
+    assert main(["stats", "--db", database_location, "--json"]) == 0
+    assert '"images": 10' in capsys.readouterr().out
+    assert main(["migrate", "--db", database_location]) == 0
+    assert "schema up to date" in capsys.readouterr().out
+
+
+# --- PostgreSQL's own -----------------------------------------------------------------------------
+
+
+def one_line_error(url: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(["stats", "--db", url]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_connection_mistakes_are_one_line_and_hide_the_password(
+    postgres_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = parse_url(postgres_url)
+    wrong_password = url.set(password="not-the-password").render_as_string(hide_password=False)
+    err = one_line_error(wrong_password, capsys)
+    assert "refused the credentials" in err and "not-the-password" not in err
+    missing = url.set(database="no_such_database").render_as_string(hide_password=False)
+    err = one_line_error(missing, capsys)
+    assert "'no_such_database' does not exist" in err and "createdb" in err
+    unreachable = url.set(port=1).render_as_string(hide_password=False)
+    err = one_line_error(unreachable, capsys)
+    assert "cannot reach the PostgreSQL server" in err and str(url.password) not in err
+    with pytest.raises(SemdbError, match="not mysql"):
+        semdb.connect("mysql://user@host/db")
+    with pytest.raises(DatabaseNotFoundError):
+        Store.open(missing)
+
+
+def test_a_foreign_database_is_refused_and_left_untouched(postgres_url: str) -> None:
+    engine = create_engine(parse_url(postgres_url))
+    with engine.begin() as connection:
+        connection.execute(text("CREATE TABLE recipes (name text)"))
+        connection.execute(text("INSERT INTO recipes VALUES ('bread')"))
+    for write in (False, True):
+        with pytest.raises(NotASemdbDatabaseError, match="not a semdb database"):
+            Store.open(postgres_url, write=write, create=write)
+    with engine.connect() as connection:
+        assert inspect(connection).get_table_names() == ["recipes"]
+        assert connection.execute(text("SELECT name FROM recipes")).scalars().all() == ["bread"]
+    engine.dispose()
+
+
+def test_a_read_is_one_snapshot_while_a_writer_commits(postgres_url: str) -> None:
+    store = Store.open(postgres_url, write=True, create=True)
+    with store.reading() as repository:
+        before = repository.setting("generation")
+        with store.writing() as writer:
+            writer.record_change()
+        assert repository.setting("generation") == before  # the same snapshot
+    with store.reading() as repository:
+        assert repository.setting("generation") != before
+    store.close()
+
+
+def test_the_index_cache_lives_on_the_client_one_file_per_database(
+    postgres_server: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from servers import PostgresServer
+
+    assert isinstance(postgres_server, PostgresServer)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    write_colour_images(tmp_path / "a", per_colour=3, seed=1)
+    write_colour_images(tmp_path / "b", per_colour=3, seed=2)
+    answers = []
+    for folder in ("a", "b"):
+        url = postgres_server.create_database()
+        with semdb.connect(url, encoder=FakeEncoder(), bits=16) as db:
+            db.ingest(tmp_path / folder)
+            answers.append([hit.path for hit in db.search("green", k=5)])
+        with semdb.connect(url, encoder=FakeEncoder()) as again:  # a new process would load the cache
+            assert [hit.path for hit in again.search("green", k=5)] == answers[-1]
+    files = sorted((tmp_path / "cache" / "semdb").glob("*.index"))
+    assert len(files) == 2
+    assert all(f"/{folder}/" in path for folder, paths in zip("ab", answers, strict=True) for path in paths)
+    assert (
+        np.load(files[0], allow_pickle=False)["tag"].tobytes() != np.load(files[1], allow_pickle=False)["tag"].tobytes()
+    )
