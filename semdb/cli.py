@@ -79,6 +79,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             progress=not args.json and not args.quiet,
             batch_size=args.batch_size,
             max_pixels=args.max_pixels,
+            ray=False if args.ray is None else (args.ray or True),
+            actors=args.actors,
         )
         stats = db.stats()
     if args.json:
@@ -110,7 +112,8 @@ def _add_ingest(subparsers: Any) -> None:
         help="add image files and folders to a database",
         description="Embed images with the database's model, compress them to codes and store them. "
         "Folders are walked recursively; unchanged files are skipped; bad files are skipped and reported.",
-        epilog="example:\n  semdb ingest ~/Pictures --db photos.semdb --model tiny-fashion --bits 64",
+        epilog="examples:\n  semdb ingest ~/Pictures --db photos.semdb --model tiny-fashion --bits 64\n"
+        "  semdb ingest /data/images --db postgresql+psycopg://semdb:secret@db-host/photos --ray auto",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
@@ -145,6 +148,21 @@ def _add_ingest(subparsers: Any) -> None:
         help="skip images with more pixels than this (decompression-bomb guard)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster: ADDRESS, else $RAY_ADDRESS, else a new local one (see 'Beyond one machine')",
+    )
+    parser.add_argument(
+        "--actors",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="encoder actors with --ray (default: one per GPU)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_json_option(parser)
     parser.set_defaults(handler=_cmd_ingest)

@@ -248,15 +248,21 @@ class Database:
         batch_size: int = DEFAULT_BATCH_SIZE,
         train_size: int = DEFAULT_TRAIN_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        ray: bool | str = False,
+        actors: int | None = None,
     ) -> IngestReport:
         """Ingest image files and folders (one path or several; folders recursively).
 
         Bad files are skipped and reported. ``train_size``: embeddings staged before the codec is
         trained (it is also trained when the ingest ends with fewer). Every argument is checked, and
         every path must exist, before anything is read or created.
+
+        ``ray``: run the work on a Ray cluster — ``True`` for ``$RAY_ADDRESS`` or a new local cluster,
+        or the cluster's address — with ``actors`` encoder actors (default: one per GPU, else one);
+        the database must then be one every worker reaches (PostgreSQL, or a file on this machine).
         """
-        if batch_size < 1 or train_size < 1 or max_pixels < 1:
-            raise InvalidArgumentError("batch size, train size and max pixels must be positive")
+        if batch_size < 1 or train_size < 1 or max_pixels < 1 or (actors is not None and actors < 1):
+            raise InvalidArgumentError("batch size, train size, max pixels and actors must be positive")
         roots = resolve_roots(paths)
         encoder = self.encoder
         bits = self._wanted["bits_per_image"]
@@ -284,18 +290,13 @@ class Database:
                 repository.set_settings(to_record)
             settings.update(to_record)
         report = IngestReport()
-        writer = BatchWriter(
-            store,
-            CodecChoice(
-                settings.get("codec", DEFAULT_CODEC),
-                int(to_record.get("bits_per_image") or stored_bits or DEFAULT_BITS),
-            ),
-            train_size=train_size,
-            dim=encoder.dim,
-            train_codec=lambda name, embeddings, bits: train_codec(name, embeddings, bits),
-            load_codec=self._load_codec,
-            report=report,
+        choice = CodecChoice(
+            settings.get("codec", DEFAULT_CODEC),
+            int(to_record.get("bits_per_image") or stored_bits or DEFAULT_BITS),
         )
+        writer = self.batch_writer(choice, train_size=train_size, report=report)
+        if ray is not False:
+            return self._ingest_on_ray(roots, writer, ray, actors, prune, progress, batch_size, train_size, max_pixels)
         ingestor = Ingestor(store, encoder, writer, batch_size=batch_size, max_pixels=max_pixels)
         if not progress:
             ingestor.run(roots, prune=prune)
@@ -305,6 +306,50 @@ class Database:
             with ingest_progress() as (advance, set_total):
                 ingestor.run(roots, prune=prune, progress=advance, set_total=set_total)
         return report
+
+    def batch_writer(self, choice: CodecChoice, *, train_size: int, report: IngestReport) -> BatchWriter:
+        """The writer of ingest batches into this database (the store opened for writing)."""
+        return BatchWriter(
+            self._writable_store(),
+            choice,
+            train_size=train_size,
+            dim=self.encoder.dim,
+            train_codec=lambda name, embeddings, bits: train_codec(name, embeddings, bits),
+            load_codec=self._load_codec,
+            report=report,
+        )
+
+    # --- distributed ingest (issue 12) ------------------------------------------------------------
+
+    def _ingest_on_ray(
+        self,
+        roots: list[str],
+        writer: BatchWriter,
+        ray: bool | str,
+        actors: int | None,
+        prune: bool,
+        progress: bool,
+        batch_size: int,
+        train_size: int,
+        max_pixels: int,
+    ) -> IngestReport:
+        """:meth:`ingest` on a Ray cluster (see :mod:`semdb.ingest.distributed`)."""
+        from semdb.ingest.distributed import run_on_ray
+
+        options: dict[str, Any] = {
+            "address": ray if isinstance(ray, str) and ray else None,
+            "actors": actors,
+            "batch_size": batch_size,
+            "train_size": train_size,
+            "max_pixels": max_pixels,
+            "prune": prune,
+        }
+        if not progress:
+            return run_on_ray(self, roots, writer, **options)
+        from semdb.progress import ingest_progress
+
+        with ingest_progress() as (advance, set_total):
+            return run_on_ray(self, roots, writer, progress=advance, set_total=set_total, **options)
 
     # --- search ---------------------------------------------------------------------------------
 
