@@ -9,7 +9,8 @@ Three parts, each bounded by a count and by ``--seconds`` (whichever comes first
    kills a run is let finish and must leave a complete database; then a fresh one is started.
 2. **concurrent** — 4 writers ingest 4 different folders into one new database while 4 searchers
    search it; then every image must be searchable at rank 1 with exactly one codec. A ``same-folder``
-   variant runs two writers on one folder.
+   variant runs two writers on one folder. With ``--postgres URL`` (or ``--postgres start``: a
+   throw-away server started as the tests start it) each round runs on new PostgreSQL databases instead.
 4. **cache** — the index cache file is mutated at random (bit flips, truncation, spliced or appended
    bytes) or swapped with another database's, a backup's or a later state's; every search must give
    exactly the answers of a database with no cache, with no exception.
@@ -18,6 +19,7 @@ Three parts, each bounded by a count and by ``--seconds`` (whichever comes first
    must end up indexed or skipped with a reason.
 
     PYTHONPATH=. python3 benchmarks/stress.py --kills 50 --rounds 3 --fuzz 200 [--json]
+    PYTHONPATH=. python3 benchmarks/stress.py --parts concurrent --rounds 5 --postgres start
 
 Exit code 1 if any check failed. The encoder is a deterministic projection of a 4×4 thumbnail, so no
 model weights are needed and distinct images get distinct embeddings.
@@ -45,6 +47,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -200,38 +203,58 @@ class Snapshot:
     staged: int = 0
 
 
-def text_path(path: str | bytes) -> str:
+def text_path(path: str | bytes | memoryview) -> str:
     """A stored path as readable text (undecodable bytes as ``\\xNN``)."""
+    if isinstance(path, memoryview):
+        path = bytes(path)
     return path.decode("utf-8", "backslashreplace") if isinstance(path, bytes) else path
 
 
-def snapshot(db: Path) -> Snapshot:
-    """Read ``db`` with sqlite3: integrity, duplicates, codec and embedding consistency, the paths."""
+def snapshot(db: Path | str) -> Snapshot:
+    """Read ``db`` with sqlite3 (a file) or SQLAlchemy (a PostgreSQL URL, ``--postgres``): integrity,
+    duplicates, codec and embedding consistency, the paths."""
+    if isinstance(db, str):
+        from sqlalchemy import create_engine, inspect
+
+        from semdb.store.postgres import parse_url
+
+        engine = create_engine(parse_url(db))
+        try:
+            with engine.connect() as conn:
+                # No integrity check on a server: PostgreSQL keeps its own files consistent.
+                return read_snapshot(Snapshot(), set(inspect(conn).get_table_names()), conn.exec_driver_sql)
+        finally:
+            engine.dispose()
     if not db.exists():
         return Snapshot()
     with contextlib.closing(sqlite3.connect(db, timeout=60)) as conn:
-        one = lambda sql: conn.execute(sql).fetchone()[0]  # noqa: E731
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         snap = Snapshot(integrity="; ".join(row[0] for row in conn.execute("PRAGMA integrity_check")))
-        if "images" not in tables:  # killed before the schema was created
-            return snap
-        # Paths are stored as bytes (text before schema 0003); the harness compares readable text.
-        snap.paths = {text_path(p): s for p, s in conn.execute("SELECT path, status FROM images")}
-        snap.errors = {text_path(p): e for p, e in conn.execute("SELECT path, coalesce(error, '') FROM images")}
-        snap.sha_of_path = {
-            text_path(p): sha
-            for p, sha in conn.execute("SELECT i.path, c.sha256 FROM images i JOIN contents c ON c.id = i.content_id")
-        }
-        snap.duplicate_paths = one("SELECT count(*) - count(DISTINCT path) FROM images")
-        snap.duplicate_shas = one("SELECT count(*) - count(DISTINCT sha256) FROM contents")
-        snap.codecs = one("SELECT count(*) FROM codecs")
-        snap.orphan_codes = one("SELECT count(*) FROM codes WHERE codec_id NOT IN (SELECT id FROM codecs)")
-        snap.staged = one("SELECT count(*) FROM staged")
-        # An indexed image whose content has neither a code nor a staged embedding cannot be found.
-        snap.missing_embeddings = one(
-            "SELECT count(*) FROM images WHERE status = 'indexed' AND (content_id IS NULL OR ("
-            "content_id NOT IN (SELECT content_id FROM codes) AND content_id NOT IN (SELECT content_id FROM staged)))"
-        )
+        return read_snapshot(snap, tables, conn.execute)
+
+
+def read_snapshot(snap: Snapshot, tables: set[str], execute: Any) -> Snapshot:
+    """Fill ``snap`` with the rows ``execute(sql)`` returns (the same SQL on SQLite and PostgreSQL)."""
+    one = lambda sql: execute(sql).fetchone()[0]  # noqa: E731
+    if "images" not in tables:  # killed before the schema was created
+        return snap
+    # Paths are stored as bytes (text before schema 0003); the harness compares readable text.
+    snap.paths = {text_path(p): s for p, s in execute("SELECT path, status FROM images")}
+    snap.errors = {text_path(p): e for p, e in execute("SELECT path, coalesce(error, '') FROM images")}
+    snap.sha_of_path = {
+        text_path(p): sha
+        for p, sha in execute("SELECT i.path, c.sha256 FROM images i JOIN contents c ON c.id = i.content_id")
+    }
+    snap.duplicate_paths = one("SELECT count(*) - count(DISTINCT path) FROM images")
+    snap.duplicate_shas = one("SELECT count(*) - count(DISTINCT sha256) FROM contents")
+    snap.codecs = one("SELECT count(*) FROM codecs")
+    snap.orphan_codes = one("SELECT count(*) FROM codes WHERE codec_id NOT IN (SELECT id FROM codecs)")
+    snap.staged = one("SELECT count(*) FROM staged")
+    # An indexed image whose content has neither a code nor a staged embedding cannot be found.
+    snap.missing_embeddings = one(
+        "SELECT count(*) FROM images WHERE status = 'indexed' AND (content_id IS NULL OR ("
+        "content_id NOT IN (SELECT content_id FROM codes) AND content_id NOT IN (SELECT content_id FROM staged)))"
+    )
     return snap
 
 
@@ -361,7 +384,8 @@ def search_worker(argv: Sequence[str]) -> int:
     while not stop.exists() and time.monotonic() < deadline:
         i = rng.randrange(len(paths))
         try:
-            db = db or semdb.connect(db_path, encoder=encoder)
+            # Reconnect until the database exists: a writer may create it after this searcher started.
+            db = db if db is not None and db.store is not None else semdb.connect(db_path, encoder=encoder)
             hits = db.search_vectors(queries[i : i + 1], k=5)[0]
             counts["searches"] += 1
             own = [h.score for h in hits if sha_of.get(h.path) == sha_of[paths[i]]]
@@ -507,10 +531,10 @@ def part_kill(report: Report, args: argparse.Namespace, work: Path, rng: random.
 
 
 def run_writers(
-    report: Report, kind: str, db: Path, folder_sets: list[list[str]], searchers: int, timeout: float
+    report: Report, kind: str, db: Path | str, folder_sets: list[list[str]], searchers: int, timeout: float, stop: Path
 ) -> None:
-    """Start one writer per folder set (and ``searchers`` searchers) at once; record how they ended."""
-    stop = db.with_suffix(".stop")
+    """Start one writer per folder set (and ``searchers`` searchers, stopped by creating ``stop``) at
+    once; record how they ended. ``db``: a file, or a PostgreSQL URL."""
     all_folders = sorted({f for folders in folder_sets for f in folders})
     writers = [spawn(ingest_cmd(db, fs, 8, 64, delay=0.02)) for fs in folder_sets]
     readers = [
@@ -574,22 +598,47 @@ def check_after_writers(report: Report, kind: str, db: Path, coll: Collection) -
     report.record(f"{kind}/search", not found, "; ".join(found))
 
 
+def new_server_database(server: str) -> str:
+    """A new, empty database on the PostgreSQL server at URL ``server``; returns its URL."""
+    import psycopg
+
+    from semdb.store.postgres import parse_url
+
+    name = f"stress_{os.getpid()}_{random.randrange(16**8):08x}"
+    url = parse_url(f"{server.rstrip('/')}/postgres")
+    options = {"host": url.host, "port": url.port, "user": url.username, "password": url.password, "dbname": "postgres"}
+    with psycopg.connect(**options, autocommit=True) as connection:  # type: ignore[arg-type]
+        connection.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    return f"{server.rstrip('/')}/{name}"
+
+
 def part_concurrent(report: Report, args: argparse.Namespace, work: Path, rng: random.Random) -> None:
-    """R rounds, each on fresh databases: 4 writers on 4 folders + searchers, then 2 writers on one folder."""
+    """R rounds, each on fresh databases: 4 writers on 4 folders + searchers, then 2 writers on one folder.
+
+    With ``--postgres``, the databases are new ones on that PostgreSQL server instead of files.
+    """
     started, rounds = time.monotonic(), 0
+    server = args.postgres_url
     while rounds < args.rounds and time.monotonic() - started < args.seconds:
         rounds += 1
         root = work / f"conc{rounds}"
         coll = write_collection(root, np.random.default_rng(rng.randrange(2**32)), args.writers, 48, False)
         limit = max(30.0, args.seconds - (time.monotonic() - started))
-        run_writers(report, "concurrent", root / "db.semdb", [[f] for f in coll.folders], args.searchers, limit)
-        check_after_writers(report, "concurrent", root / "db.semdb", coll)
+        db, same_db = (
+            (new_server_database(server), new_server_database(server))
+            if server
+            else (root / "db.semdb", root / "same.semdb")
+        )
+        folders = [[f] for f in coll.folders]
+        run_writers(report, "concurrent", db, folders, args.searchers, limit, root / "concurrent.stop")
+        check_after_writers(report, "concurrent", db, coll)
         same = write_collection(root / "same", np.random.default_rng(rng.randrange(2**32)), 1, 120, False)
-        run_writers(report, "same-folder", root / "same.semdb", [same.folders, same.folders], 0, limit)
-        check_after_writers(report, "same-folder", root / "same.semdb", same)
+        run_writers(report, "same-folder", same_db, [same.folders, same.folders], 0, limit, root / "same.stop")
+        check_after_writers(report, "same-folder", same_db, same)
     why = "count" if rounds >= args.rounds else "time limit"
+    where = "PostgreSQL" if server else "SQLite"
     report.parts["concurrent"] = (
-        f"{rounds} rounds ({args.writers} writers, {args.searchers} searchers); stopped at {why}"
+        f"{rounds} rounds on {where} ({args.writers} writers, {args.searchers} searchers); stopped at {why}"
     )
 
 
@@ -876,6 +925,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--searchers", type=int, default=4)
     parser.add_argument("--rss-limit-mb", type=int, default=1536, help="peak RSS allowed for the fuzz ingest")
     parser.add_argument("--parts", default="kill,concurrent,fuzz,cache", help="comma-separated subset to run")
+    parser.add_argument(
+        "--postgres",
+        default=None,
+        metavar="URL|start",
+        help="run the concurrent part on new databases of this PostgreSQL server (URL without a database), "
+        "or 'start' a throw-away one as the tests do",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the working folder (its path is printed)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -883,10 +939,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="semdb-stress-"))
     report = Report()
     parts = {"kill": part_kill, "concurrent": part_concurrent, "fuzz": part_fuzz, "cache": part_cache}
+    servers = contextlib.ExitStack()
+    args.postgres_url = args.postgres
+    if args.postgres == "start":
+        sys.path.insert(0, str(REPO / "tests"))
+        from servers import own_postgres
+
+        args.postgres_url = servers.enter_context(own_postgres()).base_url
     try:
         for name in args.parts.split(","):
             parts[name](report, args, work, rng)
     finally:
+        servers.close()
         if args.keep:
             report.notes.append(f"working folder kept: {work}")
         else:

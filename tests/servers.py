@@ -85,7 +85,7 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def _own_postgres() -> Iterator[PostgresServer]:
+def own_postgres() -> Iterator[PostgresServer]:
     """Start a throw-away cluster (see the module docstring); stop and delete it afterwards."""
     initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
     if initdb is None or pg_ctl is None:
@@ -141,7 +141,7 @@ def postgres_server() -> Iterator[PostgresServer | str]:
         yield "psycopg is not installed (pip install -e '.[dev]')"
         return
     try:
-        with _own_postgres() as server:
+        with own_postgres() as server:
             yield server
     except RuntimeError as error:
         yield str(error)
