@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 from conftest import FakeEncoder, write_colour_images
+from PIL import Image
 from sqlalchemy import create_engine, text
 
 import semdb
+from semdb.codecs import load_codec
+from semdb.errors import InvalidArgumentError
+from semdb.images import file_sha256
 from semdb.store.postgres import parse_url
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -79,8 +83,32 @@ def test_actors_train_the_codec_once_mid_run_and_adopt_it(postgres_url: str, tmp
     with semdb.connect(postgres_url, encoder=FakeEncoder(), bits=16) as db:
         report = db.ingest(folders, batch_size=4, train_size=12, ray=True, actors=2)
         stats = db.stats()
-        hits = db.search("purple", k=6)
     assert report.added == len(labels) and report.codec_trained_on is not None and report.codec_trained_on >= 12
     assert (stats.images, stats.staged, stats.codec_trained_on) == (len(labels), 0, report.codec_trained_on)
-    assert len(codec_states(postgres_url)) == 1
-    assert [labels[hit.path] for hit in hits] == ["purple"] * 6
+    states = codec_states(postgres_url)
+    assert len(states) == 1
+    # Every actor coded its images with that one codec (adopted from the database, whoever trained it).
+    codec = load_codec("pq", states[0], bits_per_image=16)
+    paths = sorted(labels)
+    expected = codec.encode(FakeEncoder().encode_images([Image.open(path) for path in paths]))
+    codes = content_codes(postgres_url)
+    assert all(
+        codes[file_sha256(Path(path).read_bytes())] == code.tobytes()
+        for path, code in zip(paths, expected, strict=True)
+    )
+
+
+class RefusingEncoder(FakeEncoder):
+    """An encoder that refuses every image with a user-facing error (as a model out of reach would)."""
+
+    def encode_images(self, images: object) -> object:
+        raise InvalidArgumentError("this model refuses every image")
+
+
+def test_a_users_mistake_in_a_worker_is_the_same_one_line_error(tmp_path: Path) -> None:
+    write_colour_images(tmp_path / "images", per_colour=1)
+    with (
+        semdb.connect(tmp_path / "db.semdb", encoder=RefusingEncoder(), bits=16) as db,
+        pytest.raises(InvalidArgumentError, match=r"^this model refuses every image$"),
+    ):
+        db.ingest(tmp_path / "images", ray=True)

@@ -121,7 +121,12 @@ def _report_delta(report: IngestReport, files: int) -> str:
 
 
 class _EncodeAndWrite:
-    """Ray Data actor: one model and one connection to the shared database; embeds and commits batches."""
+    """Ray Data actor: one model and one connection to the shared database; embeds and commits batches.
+
+    A user's mistake met here (the database or the model out of this worker's reach, a refused
+    write) is returned as the batch's result instead of raised, so that the driver stops with the same
+    one-line error as a local ingest rather than Ray's wrapped traceback.
+    """
 
     def __init__(
         self,
@@ -133,6 +138,7 @@ class _EncodeAndWrite:
         max_pixels: int,
         threads: int | None,
     ) -> None:
+        self.failure: SemdbError | None = None
         if threads:
             import torch
 
@@ -140,22 +146,48 @@ class _EncodeAndWrite:
         from semdb.database import Database
         from semdb.encoder import load_encoder
 
-        if isinstance(encoder, tuple):
-            spec, device = encoder
-            encoder = load_encoder(spec, device=device, batch_size=batch_size)
-        self.database = Database(location, encoder=encoder)
-        self.report = IngestReport()
-        writer = self.database.batch_writer(choice, train_size=train_size, report=self.report)
+        try:
+            if isinstance(encoder, tuple):
+                spec, device = encoder
+                encoder = load_encoder(spec, device=device, batch_size=batch_size)
+            self.database = Database(location, encoder=encoder)
+            writer = self.database.batch_writer(choice, train_size=train_size, report=IngestReport())
+        except SemdbError as error:
+            self.failure = error
+            return
         self.ingestor = Ingestor(writer.store, encoder, writer, batch_size=batch_size, max_pixels=max_pixels)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        if self.failure is not None:
+            return {"report": np.array([_failure(self.failure)])}
         prepared = _rows_to_prepared(batch)
         report = IngestReport()
         self.ingestor.writer.report = self.ingestor.report = report
-        # The same step as a local ingest's batch: embed only contents the database does not hold yet
-        # (another actor may have stored them), then commit through the BatchWriter.
-        self.ingestor._commit(prepared)
+        try:
+            # The same step as a local ingest's batch: embed only contents the database does not hold
+            # yet (another actor may have stored them), then commit through the BatchWriter.
+            self.ingestor._commit(prepared)
+        except SemdbError as error:
+            return {"report": np.array([_failure(error)])}
         return {"report": np.array([_report_delta(report, len(prepared))])}
+
+
+def _failure(error: SemdbError) -> str:
+    return json.dumps({"error": str(error), "error_class": type(error).__name__})
+
+
+def _raise_failure(delta: dict[str, Any]) -> None:
+    """Raise, in the driver, the error a worker returned (the same :mod:`semdb.errors` class)."""
+    import semdb.errors
+
+    error_class = getattr(semdb.errors, str(delta.get("error_class")), SemdbError)
+    if not (isinstance(error_class, type) and issubclass(error_class, SemdbError)):
+        error_class = SemdbError
+    try:
+        error = error_class(str(delta["error"]))
+    except TypeError:
+        error = SemdbError(str(delta["error"]))
+    raise error
 
 
 def _merge(report: IngestReport, delta: dict[str, Any]) -> None:
@@ -209,7 +241,8 @@ def run_on_ray(
         )
         dataset = ray.data.from_items(
             [{"path": os.fsencode(item.path), "size": item.size, "mtime_ns": item.mtime_ns} for item in candidates],
-            override_num_blocks=max(1, min(len(candidates) // batch_size, 200)),
+            # A block per batch (up to a bound), so that every actor of the pool gets work from the start.
+            override_num_blocks=max(1, min(-(-len(candidates) // batch_size), 1000)),
         )
         dataset = dataset.map_batches(
             _prepare_rows,
@@ -237,6 +270,8 @@ def run_on_ray(
         )
         for row in dataset.iter_rows():
             delta = json.loads(str(row["report"]))
+            if "error" in delta:
+                _raise_failure(delta)
             _merge(report, delta)
             if progress is not None:
                 progress(int(delta["files"]))
