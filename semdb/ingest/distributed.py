@@ -214,7 +214,6 @@ def run_on_ray(
 ) -> IngestReport:
     """Ingest ``roots`` into ``database`` on a Ray cluster (see the module docstring); ``writer`` is the
     driver's own, for the bad paths found by the walk and the steps at the end."""
-    ray = connect_cluster(address)
     started = time.perf_counter()
     report = writer.report
     encoder = database.encoder
@@ -225,6 +224,7 @@ def run_on_ray(
     if set_total is not None:
         set_total(len(candidates))
     if candidates:
+        ray = connect_cluster(address)  # only when there is work: a re-run with nothing new stays local
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0)) if database.device in (None, "cuda") else 0
         actors = actors or max(1, gpus)
