@@ -4,8 +4,9 @@ Tables::
 
     settings  key → value (model spec, embedding dim, codec name, bits per image, the database id,
               the change counter and token the index cache is tagged with)
-    codecs    trained codec states (with their coarse centroids and report); exactly one is active (a unique partial index makes a second
-              active codec impossible), earlier ones stay referenced by the codes they made
+    codecs    trained codec states, with their coarse centroids and report; exactly one is active (a
+              unique partial index makes a second active codec impossible), earlier ones stay
+              referenced by the codes they made
     contents  one row per distinct file content (sha256): width, height
     codes     content → code (bits_per_image / 8 bytes), the codec that made it, its inverted list
     staged    content → float32 embedding, kept only until the codec is trained
