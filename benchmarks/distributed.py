@@ -11,6 +11,9 @@ started as the tests start it, and a local Ray cluster with the machine's CPUs):
   spent to a log file), read + decode time in the Ray tasks, and actor start-up (model load).
   Default model: a seeded random-weight ViT-S-32 (CLIP-sized, so that the model dominates as it does
   in real use); ``--model tiny-fashion`` for the bundled one.
+* ``crash`` — a ``semdb ingest --ray`` killed (SIGKILL to its whole process group, local cluster
+  included) once ``--kill-at`` images are committed, then run again: the database must end complete,
+  with one codec, nothing staged and nothing twice.
 * ``search`` — ``Database.search_vectors`` latency at ``--rows`` items, one query at a time on one
   thread, through a PostgreSQL-backed database and an SQLite one holding the same codes (inserted
   through the Repository, benchmarks/search_latency.py's ``build_database``), interleaved; plus the
@@ -19,11 +22,13 @@ started as the tests start it, and a local Ray cluster with the machine's CPUs):
     PYTHONPATH=. python3 benchmarks/distributed.py                       # ~6 min on 2 shared cores
     PYTHONPATH=. python3 benchmarks/distributed.py --parts search --rows 100000
     PYTHONPATH=. python3 benchmarks/distributed.py --parts ingest --images 300 --model tiny-fashion
+    PYTHONPATH=. python3 benchmarks/distributed.py --parts crash --images 300   # kill a Ray ingest, resume
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -301,6 +306,62 @@ def part_writes(args: argparse.Namespace, server: Any, work: Path) -> None:
     )
 
 
+def part_crash(args: argparse.Namespace, server: Any, work: Path) -> None:
+    """Kill a Ray ingest from the command line — the driver and the local cluster it started, the
+    whole process group, SIGKILL — once ``--kill-at`` images are committed; run it again; check."""
+    import signal
+    import subprocess
+
+    from conftest import write_colour_images
+    from sqlalchemy import create_engine, text
+
+    from semdb.store.postgres import parse_url
+
+    folder = work / "crash"
+    expected = len(write_colour_images(folder, per_colour=args.images // 5, size=48))
+    (folder / "bad.png").write_text("not an image\n")
+    url = server.create_database()
+    engine = create_engine(parse_url(url))
+
+    def count(sql: str) -> int:
+        with engine.connect() as connection:
+            return int(connection.execute(text(sql)).scalar() or 0)
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "XDG_CACHE_HOME": str(work / "cache")}
+    command = [sys.executable, "-m", "semdb.cli", "ingest", str(folder), "--db", url, "--ray", "--actors", "2"]
+    command += ["--model", args.model or BUNDLED_MODEL, "--batch-size", "8", "--bits", "64", "--quiet"]
+    started = time.perf_counter()
+    driver = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    committed = 0
+    while driver.poll() is None and committed < args.kill_at:
+        time.sleep(0.3)
+        with contextlib.suppress(Exception):  # the schema may not exist yet
+            committed = count("SELECT count(*) FROM images")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    killed_after = time.perf_counter() - started
+    before = [count(f"SELECT count(*) FROM {table}") for table in ("images", "codecs", "staged")]
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True)
+    summary = rerun.stdout.splitlines()[0] if rerun.stdout else rerun.stderr.strip()[-300:]
+    after = {
+        "indexed": count("SELECT count(*) FROM images WHERE status = 'indexed'"),
+        "skipped": count("SELECT count(*) FROM images WHERE status = 'skipped'"),
+        "contents": count("SELECT count(*) FROM contents"),
+        "codes": count("SELECT count(*) FROM codes"),
+        "codecs": count("SELECT count(*) FROM codecs"),
+        "staged": count("SELECT count(*) FROM staged"),
+        "duplicate paths": count("SELECT count(*) - count(DISTINCT path) FROM images"),
+    }
+    engine.dispose()
+    print(
+        f"killed after {killed_after:.1f} s: {before[0]} image records, {before[1]} codecs, {before[2]} staged; "
+        f"re-run exit {rerun.returncode}: {summary}"
+    )
+    ok = after == {**after, "indexed": expected, "skipped": 1, "contents": expected, "codes": expected}
+    ok = ok and (after["codecs"], after["staged"], after["duplicate paths"]) == (1, 0, 0)
+    print(f"after the re-run: {after} (expected {expected} indexed): {'OK' if ok else 'FAILED'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="ingest,writes,search")
@@ -311,13 +372,15 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kill-at", type=int, default=100, help="crash part: image records committed before the kill")
     args = parser.parse_args()
     from servers import own_postgres
 
     print(machine())
     with tempfile.TemporaryDirectory(prefix="semdb-distributed-") as folder, own_postgres() as server:
         for part in args.parts.split(","):
-            {"ingest": part_ingest, "search": part_search, "writes": part_writes}[part](args, server, Path(folder))
+            parts = {"ingest": part_ingest, "search": part_search, "writes": part_writes, "crash": part_crash}
+            parts[part](args, server, Path(folder))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 * :mod:`semdb.store.repository` — every statement, over one transaction;
 * :mod:`semdb.store.store` — opening a database safely (read-only, create, migrate), the read
   snapshot and the write lock;
-* :mod:`semdb.store.migrate` — the Alembic revisions in ``migrations/``.
+* :mod:`semdb.store.migrate` — the Alembic revisions in ``migrations/``;
+* :mod:`semdb.store.postgres` — what differs on a PostgreSQL server (lock, snapshots, errors);
+* :mod:`semdb.store.client_cache` — where a server database's index cache lives on the client.
 """
 
 from semdb.store.models import (

@@ -5,10 +5,11 @@
 (so a read-only file or mount can be searched), and creates or migrates only when asked to write.
 
 * :meth:`Store.reading` — a snapshot: a reader never sees half a batch and never blocks a writer
-  (SQLite in WAL mode).
-* :meth:`Store.writing` — the database's write lock (SQLite ``BEGIN IMMEDIATE``) for the whole
-  transaction, so that every check made inside it still holds at commit: writers queue, and one
-  that waits longer than a few seconds is told so.
+  (SQLite in WAL mode; REPEATABLE READ on PostgreSQL).
+* :meth:`Store.writing` — the database's write lock (SQLite ``BEGIN IMMEDIATE``; a transaction-level
+  advisory lock on PostgreSQL, see :mod:`semdb.store.postgres`) for the whole transaction, so that
+  every check made inside it still holds at commit: writers queue, and one that waits longer than a
+  few seconds is told so.
 
 Errors from the database engine become one-line :class:`~semdb.errors.SemdbError` messages (disk
 full, read-only, damaged file, locked too long); committed data is never touched by them.
