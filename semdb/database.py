@@ -309,14 +309,20 @@ class Database:
         self._index = current_index(self._store, self._index, cache_file, self._load_codec)
         return self._index
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
-        """Search with ready-made query embeddings ``(q, d)`` float32; one best-first list per query."""
+    def search_vectors(
+        self, queries: np.ndarray, k: int = 10, *, allowed: np.ndarray | None = None, exact: bool = False
+    ) -> list[list[SearchResult]]:
+        """Search with ready-made query embeddings ``(q, d)`` float32; one best-first list per query.
+
+        ``allowed``: sorted int64 image ids the scan is restricted to (None: all); ``exact``: the
+        proven-exact cosine scan instead of the fast scan with exact re-rank (see :mod:`semdb.index`).
+        """
         if k < 1:
             raise InvalidArgumentError(f"k must be at least 1, got {k}")
         index = self.index()
         if index.size == 0 or self._store is None:
             raise NotReadyError(f"database {self.location} has no searchable images yet; run `semdb ingest` first")
-        scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k, allowed=allowed, exact=exact)
         with self._store.reading() as repository:
             paths = repository.image_paths(int(i) for i in ids.ravel() if i >= 0)
         return [
@@ -332,18 +338,18 @@ class Database:
         if self.setting("model") is None:
             raise NotReadyError(f"database {self.location} is empty; run `semdb ingest PATH --db {self.location}`")
 
-    def search(self, query: str, k: int = 10) -> list[SearchResult]:
-        """Text → the ``k`` most similar images, best first."""
+    def search(self, query: str, k: int = 10, *, exact: bool = False) -> list[SearchResult]:
+        """Text → the ``k`` most similar images, best first (``exact``: see :meth:`search_vectors`)."""
         if not query.strip():
             raise InvalidArgumentError("empty query: give some text to search for")
         self._check_model()
-        return self.search_vectors(self.encoder.encode_texts([query]), k)[0]
+        return self.search_vectors(self.encoder.encode_texts([query]), k, exact=exact)[0]
 
-    def search_image(self, path: str | os.PathLike[str], k: int = 10) -> list[SearchResult]:
-        """Image → the ``k`` most similar images, best first."""
+    def search_image(self, path: str | os.PathLike[str], k: int = 10, *, exact: bool = False) -> list[SearchResult]:
+        """Image → the ``k`` most similar images, best first (``exact``: see :meth:`search_vectors`)."""
         self._check_model()
         image = load_image(path)
-        return self.search_vectors(self.encoder.encode_images([image]), k)[0]
+        return self.search_vectors(self.encoder.encode_images([image]), k, exact=exact)[0]
 
     # --- stats ----------------------------------------------------------------------------------
 

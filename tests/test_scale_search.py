@@ -1,0 +1,144 @@
+"""Issue 10: search restricted to allowed ids, the exact path, and the 4-bit fast scan with exact re-rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semdb.codecs import Codec, train_codec
+from semdb.codecs.faiss_codecs import PQCodec
+from semdb.cosine import inverse_norms
+from semdb.index import CodedGroup, SearchIndex, flat_index
+from semdb.index.build import group_arrays
+from semdb.index.fastscan import FastScan, four_bit_layout
+
+DIM = 32
+N = 3000
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    """``(n, DIM)`` unit vectors around 20 centres (what embeddings look like, not uniform noise)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, DIM))
+    x = centres[rng.integers(0, 20, n)] + 0.6 * rng.standard_normal((n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return clustered(N, 0), clustered(12, 1)
+
+
+def brute_force(codec: Codec, codes: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Reference ids: top-k of the cosine to every reconstruction (what the exact path promises)."""
+    vectors = codec.scored_vectors(codes)
+    scores = queries @ vectors.T * inverse_norms(vectors)[None, :]
+    return ids[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+
+
+def four_bit_pq(x: np.ndarray, bits: int) -> Codec:
+    """A ``pq`` codec at a 4-bit layout (the default layout is 8-bit words)."""
+    import faiss
+
+    index = faiss.IndexPQ(DIM, bits // 4, 4, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    return PQCodec(index)
+
+
+CODECS = {
+    "pcapq": lambda x: train_codec("pcapq", x, 64),
+    "pq-4bit": lambda x: four_bit_pq(x, 64),
+    "pq-8bit": lambda x: train_codec("pq", x, 64),
+}
+
+
+def index_of(codec: Codec, codes: np.ndarray, ids: np.ndarray, fast: bool) -> SearchIndex:
+    cosine = codec.cosine_index(codes)
+    scan = None
+    if fast:
+        layout = four_bit_layout(codec)
+        assert layout is not None
+        scan = FastScan.build(layout, ids, codes, group_arrays(cosine)[1])
+    return SearchIndex("t", [CodedGroup(1, cosine, ids, scan)], None, np.empty(0, np.int64))
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_exact_path_equals_brute_force_and_allowed_restricts(name: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, queries = data
+    codec = CODECS[name](x)
+    codes = codec.encode(x)
+    ids = np.arange(N, dtype=np.int64) * 3 + 7  # image ids are not row numbers
+    index = index_of(codec, codes, ids, fast=False)
+    _, got = index.search(queries, 10, exact=True)
+    np.testing.assert_array_equal(got, brute_force(codec, codes, ids, queries, 10))
+    allowed = ids[::7]
+    _, restricted = index.search(queries, 10, allowed=allowed, exact=True)
+    keep = np.isin(ids, allowed)
+    np.testing.assert_array_equal(restricted, brute_force(codec, codes[keep], ids[keep], queries, 10))
+    # Fewer allowed than k: exactly those, each once.
+    _, few = index.search(queries, 10, allowed=ids[[5, 50, 500]], exact=True)
+    assert few.shape == (len(queries), 3)
+    assert all(set(row) == set(ids[[5, 50, 500]]) for row in few)
+
+
+@pytest.mark.parametrize("name", ["pcapq", "pq-4bit", "pqvae-pca"])
+def test_fast_scan_reranks_exactly(name: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, queries = data
+    codec = train_codec("pqvae-pca", x, 64) if name == "pqvae-pca" else CODECS[name](x)
+    codes = codec.encode(x)
+    ids = np.arange(N, dtype=np.int64) * 2 + 1
+    index = index_of(codec, codes, ids, fast=True)
+    want = brute_force(codec, codes, ids, queries, 10)
+    # Re-ranking every candidate is the exact answer: the fast scan's codes are the stored ones.
+    scores, got = index.search(queries, 10, rerank=N)
+    np.testing.assert_array_equal(got, want)
+    exact_scores, _ = index.search(queries, 10, exact=True)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-6)
+    # A short re-rank finds nearly all of them.
+    _, approx = index.search(queries, 10, rerank=100)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, want, strict=True)])
+    assert recall >= 0.9
+    # allowed runs inside the scan: every hit allowed, and the answer is the restricted exact one.
+    allowed = ids[::5]
+    _, restricted = index.search(queries, 10, allowed=allowed, rerank=N)
+    keep = np.isin(ids, allowed)
+    np.testing.assert_array_equal(restricted, brute_force(codec, codes[keep], ids[keep], queries, 10))
+
+
+def test_eight_bit_words_have_no_fast_layout(data: tuple[np.ndarray, np.ndarray]) -> None:
+    assert four_bit_layout(CODECS["pq-8bit"](data[0])) is None
+    assert four_bit_layout(CODECS["pq-4bit"](data[0])) is not None
+
+
+def test_fast_scan_catches_up(data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, queries = data
+    codec = CODECS["pcapq"](x)
+    codes = codec.encode(x)
+    norms = group_arrays(codec.cosine_index(codes))[1]
+    ids = np.arange(N, dtype=np.int64)
+    layout = four_bit_layout(codec)
+    assert layout is not None and norms is not None
+    scan = FastScan.build(layout, ids[:2000], codes[:2000], norms[:2000])
+    scan.add(ids[2000:], codes[2000:], norms[2000:], None)
+    gone = ids[::4]
+    scan.remove(gone)
+    keep = ~np.isin(ids, gone)
+    _, got = scan.search(queries, 10, rerank=N)
+    np.testing.assert_array_equal(got, brute_force(codec, codes[keep], ids[keep], queries, 10))
+    assert not np.isin(got, gone).any()
+
+
+def test_staged_rows_respect_allowed() -> None:
+    embeddings = clustered(50, 3)
+    ids = np.arange(50, dtype=np.int64) + 100
+    index = SearchIndex("t", [], flat_index(embeddings), ids)
+    _, got = index.search(embeddings[:3], 5, allowed=ids[10:20])
+    assert np.isin(got, ids[10:20]).all() and got.shape == (3, 5)
+
+
+def test_allowed_must_be_integer_ids(data: tuple[np.ndarray, np.ndarray]) -> None:
+    from semdb.errors import InvalidArgumentError
+
+    index = SearchIndex("t", [], flat_index(data[0][:10]), np.arange(10, dtype=np.int64))
+    with pytest.raises(InvalidArgumentError, match="integer image ids"):
+        index.search(data[1], 3, allowed=np.array([[1.5]]))
