@@ -142,3 +142,47 @@ def test_allowed_must_be_integer_ids(data: tuple[np.ndarray, np.ndarray]) -> Non
     index = SearchIndex("t", [], flat_index(data[0][:10]), np.arange(10, dtype=np.int64))
     with pytest.raises(InvalidArgumentError, match="integer image ids"):
         index.search(data[1], 3, allowed=np.array([[1.5]]))
+
+
+def test_lists_are_assigned_from_embeddings_and_stored_strictly() -> None:
+    from semdb.errors import DatabaseDamagedError
+    from semdb.index.lists import assign_lists, list_count, lists_from_bytes, lists_to_bytes, train_lists
+
+    x = clustered(2000, 4)
+    assert list_count(100) == 0 and train_lists(x[:100]) is None and assign_lists(None, x) is None
+    centroids = train_lists(x)
+    assert centroids is not None and centroids.shape == (list_count(2000), DIM)
+    lists = assign_lists(centroids, x)
+    assert lists is not None
+    np.testing.assert_array_equal(lists, np.argmax(x @ centroids.T, axis=1))
+    blob = lists_to_bytes(centroids)
+    restored = lists_from_bytes(blob, DIM)
+    assert restored is not None
+    np.testing.assert_array_equal(restored, centroids)
+    assert blob is not None
+    with pytest.raises(DatabaseDamagedError, match=r"codecs\.lists"):
+        lists_from_bytes(blob[:-3], DIM)
+
+
+def test_fast_scan_probes_inverted_lists(data: tuple[np.ndarray, np.ndarray]) -> None:
+    from semdb.index.lists import assign_lists, train_lists
+
+    x, queries = data
+    codec = CODECS["pcapq"](x)
+    codes = codec.encode(x)
+    norms = group_arrays(codec.cosine_index(codes))[1]
+    ids = np.arange(N, dtype=np.int64)
+    centroids = train_lists(x, lists=16)
+    lists = assign_lists(centroids, x)
+    layout = four_bit_layout(codec)
+    assert layout is not None and centroids is not None
+    scan = FastScan.build(layout, ids, codes, norms, lists, centroids)
+    want = brute_force(codec, codes, ids, queries, 10)
+    # Every list probed and every candidate re-ranked: exact.
+    _, everything = scan.search(queries, 10, nprobe=16, rerank=N)
+    np.testing.assert_array_equal(everything, want)
+    # One list probed: only items of the query's nearest list come back.
+    _, one = scan.search(queries, 10, nprobe=1, rerank=N)
+    nearest = np.argmax(queries @ centroids.T, axis=1)
+    for row, list_no in zip(one, nearest, strict=True):
+        assert set(lists[row[row >= 0]]) <= {list_no}
