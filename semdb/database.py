@@ -299,6 +299,51 @@ class Database:
                 ingestor.run(roots, prune=prune, progress=advance, set_total=set_total)
         return report
 
+    def add_embeddings(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        vectors: np.ndarray,
+        *,
+        train_size: int = DEFAULT_TRAIN_SIZE,
+    ) -> IngestReport:
+        """Import precomputed embeddings ``vectors`` ``(n, d)`` of the images at ``paths`` (issue 10).
+
+        The vectors must come from the database's model (``model=`` at connect, else the default);
+        they are normalised, coded and indexed exactly as an ingest would (:mod:`semdb.ingest.bulk`).
+        """
+        from semdb.ingest.bulk import check_embeddings, import_embeddings
+
+        absolute, unit = check_embeddings(paths, vectors)
+        if train_size < 1:
+            raise InvalidArgumentError("train size must be positive")
+        dim = unit.shape[1]
+        store = self._writable_store()
+        with store.writing() as repository:
+            to_record = self._check_binding(repository)
+            stored_dim = repository.int_setting("dim")
+            if stored_dim is not None and stored_dim != dim:
+                raise ModelMismatchError(f"vectors are {dim}-d; database {self.location} holds {stored_dim}-d ones")
+            settings = repository.settings()
+            stored_bits = repository.int_setting("bits_per_image", DEFAULT_BITS)
+            to_record.setdefault("model", settings.get("model") or self.model_spec)
+            to_record.setdefault("dim", str(dim))
+            repository.set_settings({key: value for key, value in to_record.items() if settings.get(key) != value})
+            settings.update(to_record)
+        report = IngestReport()
+        writer = BatchWriter(
+            store,
+            CodecChoice(
+                settings.get("codec", DEFAULT_CODEC), int(settings.get("bits_per_image") or stored_bits or DEFAULT_BITS)
+            ),
+            train_size=train_size,
+            dim=dim,
+            train_codec=lambda name, embeddings, bits: train_codec(name, embeddings, bits),
+            load_codec=self._load_codec,
+            report=report,
+        )
+        import_embeddings(writer, absolute, unit)
+        return report
+
     # --- search ---------------------------------------------------------------------------------
 
     def index(self) -> SearchIndex:

@@ -118,8 +118,10 @@ def test_fast_scan_catches_up(data: tuple[np.ndarray, np.ndarray]) -> None:
     ids = np.arange(N, dtype=np.int64)
     layout = four_bit_layout(codec)
     assert layout is not None and norms is not None
-    scan = FastScan.build(layout, ids[:2000], codes[:2000], norms[:2000])
-    scan.add(ids[2000:], codes[2000:], norms[2000:], None)
+    # 2048 rows of 8-byte codes: a full block multiple, where FAISS's own append would overrun.
+    scan = FastScan.build(layout, ids[:2048], codes[:2048], norms[:2048])
+    scan.add(ids[2048:2500], codes[2048:2500], norms[2048:2500], None)
+    scan.add(ids[2500:], codes[2500:], norms[2500:], None)
     gone = ids[::4]
     scan.remove(gone)
     keep = ~np.isin(ids, gone)
@@ -176,7 +178,9 @@ def test_fast_scan_probes_inverted_lists(data: tuple[np.ndarray, np.ndarray]) ->
     lists = assign_lists(centroids, x)
     layout = four_bit_layout(codec)
     assert layout is not None and centroids is not None
-    scan = FastScan.build(layout, ids, codes, norms, lists, centroids)
+    half = N // 2
+    scan = FastScan.build(layout, ids[:half], codes[:half], norms[:half], lists[:half], centroids)
+    scan.add(ids[half:], codes[half:], norms[half:], lists[half:])  # appended list by list
     want = brute_force(codec, codes, ids, queries, 10)
     # Every list probed and every candidate re-ranked: exact.
     _, everything = scan.search(queries, 10, nprobe=16, rerank=N)
@@ -186,3 +190,50 @@ def test_fast_scan_probes_inverted_lists(data: tuple[np.ndarray, np.ndarray]) ->
     nearest = np.argmax(queries @ centroids.T, axis=1)
     for row, list_no in zip(one, nearest, strict=True):
         assert set(lists[row[row >= 0]]) <= {list_no}
+
+
+def test_add_embeddings_and_an_index_that_catches_up(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import semdb
+    from semdb.errors import InvalidArgumentError
+    from semdb.index import build, cache_path
+    from semdb.index.lists import list_count
+
+    # Small thresholds so that a few thousand rows take the fast scan and the inverted lists.
+    monkeypatch.setattr(build, "FAST_SCAN_MIN_ITEMS", 500)
+    monkeypatch.setattr(build, "LISTS_MIN_ITEMS", 1000)
+    x = clustered(2200, 5)
+    path = tmp_path / "bulk.semdb"
+    paths = [f"/nowhere/{i}.png" for i in range(len(x))]
+    with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
+        with pytest.raises(InvalidArgumentError, match="one row per path"):
+            db.add_embeddings(paths[:3], x[:2])
+        report = db.add_embeddings(paths[:2000], x[:2000], train_size=1000)
+        # One transaction holds all 2,000: the codec (and its lists) train on all of them after it.
+        assert report.added == 2000 and report.codec_trained_on == 2000
+        queries = clustered(5, 6)
+        fast = db.search_vectors(queries, k=10)
+        exact = db.search_vectors(queries, k=10, exact=True)
+        group = db.index().coded[0]
+        assert group.fast is not None and group.fast.lists == list_count(2000) and group.lists is not None
+        overlap = np.mean([len({h.id for h in a} & {h.id for h in b}) / 10 for a, b in zip(fast, exact, strict=True)])
+        assert overlap >= 0.8  # the default nprobe over 16 lists of this small set
+        before = db.index()
+        db.add_embeddings(paths[2000:], x[2000:])  # appended: the open index catches up in place
+        after = db.index()
+        assert after is not before and after.coded[0].fast is before.coded[0].fast
+        assert after.coded[0].fast.ntotal == 2200
+        # The caught-up fast scan, every list probed and every candidate re-ranked, is the exact answer.
+        _, exhaustive = after.search(queries, 10, rerank=2200, nprobe=1000)
+        _, exact_ids = after.search(queries, 10, exact=True)
+        np.testing.assert_array_equal(exhaustive, exact_ids)
+        allowed = np.array(sorted(h.id for h in db.search_vectors(queries, k=400, exact=True)[0])[::3], np.int64)
+        hits = db.search_vectors(queries[:1], k=20, allowed=allowed, exact=True)[0]
+        assert {h.id for h in hits} <= set(allowed.tolist()) and len(hits) == 20
+    # A reopen starts from the cache (an exact tag) and answers exactly as before.
+    with semdb.connect(path) as db:
+        reopened = db.search_vectors(queries, k=10, exact=True)
+        final_ids = [[h.id for h in row] for row in reopened]
+    assert cache_path(path).is_file()
+    cache_path(path).unlink()  # rebuilt from the store alone: the same answer
+    with semdb.connect(path) as db:
+        assert [[h.id for h in row] for row in db.search_vectors(queries, k=10, exact=True)] == final_ids

@@ -30,7 +30,7 @@ from semdb.codecs import Codec
 WORD_BITS = 4
 WORDS = 2**WORD_BITS
 # Candidates of the fast scan re-ranked exactly, and lists probed per query (docs/benchmarks.md, "Scale").
-DEFAULT_RERANK = 256
+DEFAULT_RERANK = 128
 DEFAULT_NPROBE = 32
 
 
@@ -129,6 +129,22 @@ def four_bit_layout(codec: Codec) -> FourBitLayout | None:
     return None
 
 
+def _block_lists(index: Any) -> Any:
+    """The ``BlockInvertedLists`` of a fast-scan IVF index."""
+    invlists: Any = faiss.extract_index_ivf(index).invlists
+    return faiss.downcast_InvertedLists(invlists)
+
+
+def _converted(ivf: Any) -> Any:
+    """``ivf`` (an ``IndexIVFPQ``) as an ``IndexIVFPQFastScan``, its codes packed into fast-scan's
+    blocked layout. The conversion shares ``ivf``'s coarse quantiser: ownership moves with it, or
+    freeing ``ivf`` would leave the new index pointing at freed memory."""
+    fast: Any = faiss.IndexIVFPQFastScan(ivf)
+    ivf.own_fields = False
+    fast.own_fields = True
+    return fast
+
+
 class FastScan:
     """An ``IndexIVFPQFastScan`` over one group's codes, plus what the exact re-rank needs.
 
@@ -167,8 +183,7 @@ class FastScan:
         return ivf
 
     def _empty_fast(self) -> Any:
-        fast: Any = faiss.IndexIVFPQFastScan(self._ivfpq())
-        return fast
+        return _converted(self._ivfpq())
 
     def _fast_holding(self, ids: np.ndarray, codes: np.ndarray, lists: np.ndarray) -> Any:
         """A fast-scan index holding ``codes`` of ``ids`` in ``lists`` (all ``(n,)``/``(n, M/2)``)."""
@@ -183,8 +198,7 @@ class FastScan:
                 list_codes = np.ascontiguousarray(codes[rows])
                 ivf.invlists.add_entries(list_no, len(rows), faiss.swig_ptr(list_ids), faiss.swig_ptr(list_codes))
         ivf.ntotal = len(ids)
-        fast: Any = faiss.IndexIVFPQFastScan(ivf)  # packs the codes into fast-scan's blocked layout
-        return fast
+        return _converted(ivf)
 
     def _check_lists(self, lists: np.ndarray | None, n: int) -> np.ndarray:
         if lists is None or self.coarse is None:
@@ -221,7 +235,7 @@ class FastScan:
         lists_checked = self._check_lists(lists, len(ids))
         added = self._fast_holding(ids, codes, lists_checked)
         if self.index.ntotal:
-            self.index.merge_from(added, 0)
+            self._append(added, ids, codes, lists_checked)
         else:
             self.index = added
         all_ids = np.concatenate([self.ids, ids])
@@ -232,6 +246,33 @@ class FastScan:
             old = self.inverse_norms if self.inverse_norms is not None else np.ones(len(order) - len(ids), np.float32)
             new = inverse_norms if inverse_norms is not None else np.ones(len(ids), np.float32)
             self.inverse_norms = np.concatenate([old, np.asarray(new, np.float32)])[order]
+
+    def _append(self, added: Any, ids: np.ndarray, codes: np.ndarray, lists: np.ndarray) -> None:
+        """Move the lists of ``added`` (a fast-scan index of the new items) onto the end of ours.
+
+        Not ``merge_from``: FAISS 1.15's ``BlockInvertedLists::add_entries`` copies past its buffers
+        when a non-empty list holds a multiple of ``block_size`` entries. Such a list is repacked
+        whole (from :attr:`codes`) into an emptied list instead; every other list is appended to.
+        """
+        ours: Any = _block_lists(self.index)
+        theirs: Any = _block_lists(added)
+        for list_no in np.unique(lists).tolist():
+            held = int(ours.list_size(list_no))
+            source, count = theirs, int(theirs.list_size(list_no))
+            if held and held % int(ours.block_size) == 0:
+                old_ids = faiss.rev_swig_ptr(ours.get_ids(list_no), held).copy()
+                new = lists == list_no
+                rows = np.searchsorted(self.ids, old_ids)
+                whole = self._fast_holding(
+                    np.concatenate([old_ids, ids[new]]),
+                    np.concatenate([self.codes[rows], codes[new]]),
+                    np.full(held + int(new.sum()), list_no, np.int64),
+                )
+                source = _block_lists(whole)
+                count = int(source.list_size(list_no))
+                ours.resize(list_no, 0)
+            ours.add_entries(list_no, count, source.get_ids(list_no), source.get_codes(list_no))
+        self.index.ntotal += len(ids)
 
     def remove(self, ids: np.ndarray) -> None:
         """Forget the items of image ``ids`` (pruned or replaced images), from the scan and the arrays."""
