@@ -403,6 +403,23 @@ class Repository:
         value = self.connection.scalar(select(CodecRecord.lists).where(CodecRecord.id == codec_id))
         return bytes(value) if value is not None else None
 
+    def images_under_page(self, folder: str, after: int, rows: int) -> list[tuple[int, str]]:
+        """Up to ``rows`` ``(id, path)`` of the records at ``folder`` or below it with ids above
+        ``after``, by id: :meth:`images_under` a page at a time (a prune in bounded memory)."""
+        exact = os.fsencode(folder)
+        prefix = exact.rstrip(b"/") + b"/"
+        upper = prefix[:-1] + b"0"  # b"0" is the byte after b"/"
+        statement = (
+            select(ImageRecord.id, ImageRecord.path)
+            .where(
+                ImageRecord.id > after,
+                or_(ImageRecord.path == exact, (ImageRecord.path >= prefix) & (ImageRecord.path < upper)),
+            )
+            .order_by(ImageRecord.id)
+            .limit(rows)
+        )
+        return [(int(image_id), os.fsdecode(path)) for image_id, path in self.connection.execute(statement)]
+
     def coded_chunks(
         self, codec_id: int, code_size: int, rows: int = 65_536
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
