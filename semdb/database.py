@@ -342,6 +342,8 @@ class Database:
             report=report,
         )
         import_embeddings(writer, absolute, unit)
+        if report.codec_trained_on is not None:
+            store.compact()  # the staged floats are gone: give their pages back (as ingest does)
         return report
 
     # --- search ---------------------------------------------------------------------------------
@@ -355,19 +357,32 @@ class Database:
         return self._index
 
     def search_vectors(
-        self, queries: np.ndarray, k: int = 10, *, allowed: np.ndarray | None = None, exact: bool = False
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        allowed: np.ndarray | None = None,
+        exact: bool = False,
+        nprobe: int | None = None,
     ) -> list[list[SearchResult]]:
         """Search with ready-made query embeddings ``(q, d)`` float32; one best-first list per query.
 
         ``allowed``: sorted int64 image ids the scan is restricted to (None: all); ``exact``: the
-        proven-exact cosine scan instead of the fast scan with exact re-rank (see :mod:`semdb.index`).
+        proven-exact cosine scan instead of the fast scan with exact re-rank (see :mod:`semdb.index`);
+        ``nprobe``: inverted lists the fast scan probes on large collections (more: slower, closer to
+        exact; default :data:`semdb.index.fastscan.DEFAULT_NPROBE`).
         """
+        if nprobe is not None and nprobe < 1:
+            raise InvalidArgumentError(f"nprobe must be at least 1, got {nprobe}")
         if k < 1:
             raise InvalidArgumentError(f"k must be at least 1, got {k}")
         index = self.index()
         if index.size == 0 or self._store is None:
             raise NotReadyError(f"database {self.location} has no searchable images yet; run `semdb ingest` first")
-        scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k, allowed=allowed, exact=exact)
+        knobs = {"nprobe": nprobe} if nprobe is not None else {}
+        scores, ids = index.search(
+            np.ascontiguousarray(queries, dtype=np.float32), k, allowed=allowed, exact=exact, **knobs
+        )
         with self._store.reading() as repository:
             paths = repository.image_paths(int(i) for i in ids.ravel() if i >= 0)
         return [

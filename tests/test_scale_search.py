@@ -217,6 +217,11 @@ def test_add_embeddings_and_an_index_that_catches_up(tmp_path, monkeypatch: pyte
         assert group.fast is not None and group.fast.lists == list_count(2000) and group.lists is not None
         overlap = np.mean([len({h.id for h in a} & {h.id for h in b}) / 10 for a, b in zip(fast, exact, strict=True)])
         assert overlap >= 0.8  # the default nprobe over 16 lists of this small set
+        with pytest.raises(InvalidArgumentError, match="nprobe"):
+            db.search_vectors(queries, k=10, nprobe=0)
+        # Every list probed: the default re-rank depth finds the exact answer on this set.
+        every_list = [[h.id for h in row] for row in db.search_vectors(queries, k=10, nprobe=1000)]
+        assert every_list == [[h.id for h in row] for row in exact]
         before = db.index()
         db.add_embeddings(paths[2000:], x[2000:])  # appended: the open index catches up in place
         after = db.index()

@@ -119,7 +119,8 @@ def _read_group(repository: Repository, row: CodecRow, count: int, location: str
         raise DatabaseDamagedError(f"{location} changed while it was read: {filled} codes, {count} counted")
     coarse = lists_from_bytes(repository.codec_lists(row.id), row.dim)
     complete = coarse is not None and count > 0 and lists.min() >= 0 and lists.max() < len(coarse)
-    return StoredGroup(row, ids, codes, lists if complete else None, coarse if complete else None)
+    # int32: list numbers are below MAX_LISTS, and the array stays resident with the group.
+    return StoredGroup(row, ids, codes, lists.astype(np.int32) if complete else None, coarse if complete else None)
 
 
 def _norms(codec: Codec, codes: np.ndarray) -> np.ndarray | None:

@@ -184,7 +184,7 @@ def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, rows: int 
         raise ValueError("cache index shape differs from the store")
     inverse = np.split(inverse_norms, starts) if len(inverse_norms) else [None] * len(sizes)
     parts = [CosinePart(*part) for part in zip(indexes, np.split(part_rows, starts), inverse, strict=True)]
-    lists = arrays[prefix + "lists"].astype(np.int64)
+    lists = arrays[prefix + "lists"].astype(np.int32)
     if len(lists) not in (0, rows) or (len(lists) and lists.min() < 0):
         raise ValueError("cache lists differ from the store")
     digest = bytes(arrays[prefix + "codec_digest"])
