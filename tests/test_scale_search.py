@@ -82,7 +82,12 @@ def test_exact_path_equals_brute_force_and_allowed_restricts(name: str, data: tu
 
 
 @pytest.mark.parametrize("name", ["pcapq", "pq-4bit", "pqvae-pca"])
-def test_fast_scan_reranks_exactly(name: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_fast_scan_reranks_exactly(
+    name: str, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from semdb.index import search_index
+
+    monkeypatch.setattr(search_index, "EXACT_ALLOWED_MAX", 0)  # allowed sets take the fast scan here
     x, queries = data
     codec = train_codec("pqvae-pca", x, 64) if name == "pqvae-pca" else CODECS[name](x)
     codes = codec.encode(x)
@@ -166,7 +171,7 @@ def test_lists_are_assigned_from_embeddings_and_stored_strictly() -> None:
         lists_from_bytes(blob[:-3], DIM)
 
 
-def test_fast_scan_probes_inverted_lists(data: tuple[np.ndarray, np.ndarray]) -> None:
+def test_fast_scan_probes_inverted_lists(data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
     from semdb.index.lists import assign_lists, train_lists
 
     x, queries = data
@@ -190,6 +195,15 @@ def test_fast_scan_probes_inverted_lists(data: tuple[np.ndarray, np.ndarray]) ->
     nearest = np.argmax(queries @ centroids.T, axis=1)
     for row, list_no in zip(one, nearest, strict=True):
         assert set(lists[row[row >= 0]]) <= {list_no}
+    # Allowed images all outside the probed list: the index falls back to the exact restricted scan.
+    from semdb.index import search_index
+
+    monkeypatch.setattr(search_index, "EXACT_ALLOWED_MAX", 0)
+    index = SearchIndex("t", [CodedGroup(1, codec.cosine_index(codes), ids, scan)], None, np.empty(0, np.int64))
+    elsewhere = ids[lists != nearest[0]][:50]
+    _, found = index.search(queries[:1], 10, allowed=elsewhere, nprobe=1)
+    keep = np.isin(ids, elsewhere)
+    np.testing.assert_array_equal(found, brute_force(codec, codes[keep], ids[keep], queries[:1], 10))
 
 
 def test_add_embeddings_and_an_index_that_catches_up(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

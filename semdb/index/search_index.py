@@ -12,6 +12,9 @@ from semdb.cosine import CosineIndex
 from semdb.errors import InvalidArgumentError
 from semdb.index.fastscan import DEFAULT_NPROBE, DEFAULT_RERANK, FastScan
 
+# An allowed set of at most this many images of a group is searched by the exact scan of their codes.
+EXACT_ALLOWED_MAX = 20_000
+
 
 @dataclass
 class CodedGroup:
@@ -98,10 +101,17 @@ class SearchIndex:
         for group in self.coded:
             if len(group.ids) == 0:
                 continue
-            if group.fast is not None and not exact:
+            rows = rows_of(group.ids, allowed) if allowed is not None else None
+            # A small allowed set is scanned exactly (|allowed| codes: cheap, and inverted lists could
+            # miss allowed images outside the probed lists).
+            fast = group.fast is not None and not exact and (rows is None or len(rows) > EXACT_ALLOWED_MAX)
+            found = None
+            if fast and group.fast is not None:
                 scores, found = group.fast.search(queries, k, allowed, rerank=rerank, nprobe=nprobe)
-            else:
-                rows = rows_of(group.ids, allowed) if allowed is not None else None
+                wanted = min(k, len(group.ids) if rows is None else len(rows))
+                if ((found >= 0).sum(axis=1) < wanted).any():
+                    found = None  # the probed lists held too few allowed images: scan exactly instead
+            if found is None:
                 scores, hit = group.index.search(queries, k, rows)
                 found = np.where(hit >= 0, group.ids[np.maximum(hit, 0)], -1)
             parts_scores.append(scores)
