@@ -186,10 +186,10 @@ def _cmd_search(args: argparse.Namespace) -> int:
         raise SemdbError("give either search TEXT or --image PATH (not both)")
     with connect(args.db or default_database_path(), model=args.model, create=False, device=args.device) as db:
         if args.image is not None:
-            results = db.search_image(args.image, k=args.k)
+            results = db.search_image(args.image, k=args.k, exact=args.exact)
             title = f"images like {args.image}"
         else:
-            results = db.search(args.text, k=args.k)
+            results = db.search(args.text, k=args.k, exact=args.exact)
             title = f"“{args.text}”"
     _print_results(results, args.json, title)
     return 0
@@ -207,6 +207,11 @@ def _add_search(subparsers: Any) -> None:
     parser.add_argument("text", nargs="?", default=None, metavar="TEXT", help="what to look for")
     parser.add_argument("--image", default=None, metavar="PATH", help="search by this image instead of text")
     parser.add_argument("-k", type=_positive_int, default=10, metavar="N", help="number of results (default 10)")
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="scan every code exactly (proven exact cosine; slower on large collections than the default fast scan)",
+    )
     _add_db_option(parser)
     parser.add_argument(
         "--model", default=None, metavar="SPEC", help="must match the database's model (checked, not needed)"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -81,11 +82,15 @@ class CosineIndex:
         """Number of items."""
         return sum(len(part.rows) for part in self.parts)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """``queries`` ``(q, d)`` float32 → ``(scores, rows)``, both ``(q, min(k, n))``, best first.
 
         Scores are ``<q, x̂> / ‖x̂‖`` (cosine for unit-norm queries); rows index the items.
+        ``rows``: ``(r,)`` int64 item rows the search is restricted to (None: all); the scan then
+        reads only their codes (:meth:`restricted`), so it is as exact as the full one.
         """
+        if rows is not None:
+            return self.restricted(rows).search(queries, k)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.ntotal)
         if k <= 0:
@@ -108,6 +113,23 @@ class CosineIndex:
                     deeper = True
             if not deeper:
                 return scores, rows
+
+    def restricted(self, rows: np.ndarray) -> CosineIndex:
+        """The items ``rows`` ``(r,)`` int64 only, as a cosine index of their own (same row numbers).
+
+        FAISS's code scanners (``IndexPQ``, additive quantisers) take no ``IDSelector``, so each part's
+        codes of those rows are copied into an empty clone of its index: a scan of ``r`` codes, not
+        of ``n`` with a filter, and no candidate is ever fetched and dropped.
+        """
+        mask = np.zeros(self.ntotal, dtype=bool)
+        mask[rows[(rows >= 0) & (rows < self.ntotal)]] = True
+        parts = []
+        for part in self.parts:
+            local = np.flatnonzero(mask[part.rows])
+            if len(local):
+                norms = part.inverse_norms[local] if part.inverse_norms is not None else None
+                parts.append(CosinePart(_subset_index(part.index, local), part.rows[local], norms))
+        return CosineIndex(parts)
 
     @staticmethod
     def _candidates(part: CosinePart, queries: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,6 +154,28 @@ def _best(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -
     rows = np.concatenate([c[1] for c in candidates], axis=1)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+
+def _subset_index(index: faiss.Index, local: np.ndarray) -> faiss.Index:
+    """A copy of ``index`` (flat codes, behind any pre-transforms) holding only its rows ``local``."""
+    inner: Any = faiss.downcast_index(index)
+    while isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    codes = faiss.vector_to_array(inner.codes).reshape(inner.ntotal, inner.code_size)[local]
+    subset: Any = faiss.clone_index(index)
+    subset.reset()
+    target: Any = faiss.downcast_index(subset)
+    while isinstance(target, faiss.IndexPreTransform):
+        target = faiss.downcast_index(target.index)
+    target.add_sa_codes(np.ascontiguousarray(codes))
+    subset.ntotal = target.ntotal
+    # Nested pre-transforms keep their own counts.
+    outer: Any = faiss.downcast_index(subset)
+    while isinstance(outer, faiss.IndexPreTransform):
+        outer.ntotal = target.ntotal
+        outer = faiss.downcast_index(outer.index)
+    result: faiss.Index = subset
+    return result
 
 
 def inverse_norms(reconstructions: np.ndarray) -> np.ndarray:

@@ -307,13 +307,16 @@ class Database:
                 ingestor.run(roots, prune=prune, progress=advance, set_total=set_total)
         return report
 
-    def batch_writer(self, choice: CodecChoice, *, train_size: int, report: IngestReport) -> BatchWriter:
-        """The writer of ingest batches into this database (the store opened for writing)."""
+    def batch_writer(
+        self, choice: CodecChoice, *, train_size: int, report: IngestReport, dim: int | None = None
+    ) -> BatchWriter:
+        """The writer of ingest batches into this database (the store opened for writing); ``dim``:
+        the embeddings' dimension (default: the encoder's, which loads the model)."""
         return BatchWriter(
             self._writable_store(),
             choice,
             train_size=train_size,
-            dim=self.encoder.dim,
+            dim=self.encoder.dim if dim is None else dim,
             train_codec=lambda name, embeddings, bits: train_codec(name, embeddings, bits),
             load_codec=self._load_codec,
             report=report,
@@ -351,6 +354,50 @@ class Database:
         with ingest_progress() as (advance, set_total):
             return run_on_ray(self, roots, writer, progress=advance, set_total=set_total, **options)
 
+    def add_embeddings(
+        self,
+        paths: Sequence[str | os.PathLike[str]],
+        vectors: np.ndarray,
+        *,
+        train_size: int = DEFAULT_TRAIN_SIZE,
+    ) -> IngestReport:
+        """Import precomputed embeddings ``vectors`` ``(n, d)`` of the images at ``paths`` (issue 10).
+
+        The vectors must come from the database's model (``model=`` at connect, else the default);
+        they are normalised, coded and indexed exactly as an ingest would (:mod:`semdb.ingest.bulk`).
+        """
+        from semdb.ingest.bulk import check_embeddings, import_embeddings
+
+        absolute, unit = check_embeddings(paths, vectors)
+        if train_size < 1:
+            raise InvalidArgumentError("train size must be positive")
+        dim = unit.shape[1]
+        store = self._writable_store()
+        with store.writing() as repository:
+            to_record = self._check_binding(repository)
+            stored_dim = repository.int_setting("dim")
+            if stored_dim is not None and stored_dim != dim:
+                raise ModelMismatchError(f"vectors are {dim}-d; database {self.location} holds {stored_dim}-d ones")
+            settings = repository.settings()
+            stored_bits = repository.int_setting("bits_per_image", DEFAULT_BITS)
+            to_record.setdefault("model", settings.get("model") or self.model_spec)
+            to_record.setdefault("dim", str(dim))
+            repository.set_settings({key: value for key, value in to_record.items() if settings.get(key) != value})
+            settings.update(to_record)
+        report = IngestReport()
+        writer = self.batch_writer(
+            CodecChoice(
+                settings.get("codec", DEFAULT_CODEC), int(settings.get("bits_per_image") or stored_bits or DEFAULT_BITS)
+            ),
+            train_size=train_size,
+            report=report,
+            dim=dim,
+        )
+        import_embeddings(writer, absolute, unit)
+        if report.codec_trained_on is not None:
+            store.compact()  # the staged floats are gone: give their pages back (as ingest does)
+        return report
+
     # --- search ---------------------------------------------------------------------------------
 
     def index(self) -> SearchIndex:
@@ -373,14 +420,33 @@ class Database:
             self._cache_file = client_cache_path(self.url, database_id)
         return self._cache_file
 
-    def search_vectors(self, queries: np.ndarray, k: int = 10) -> list[list[SearchResult]]:
-        """Search with ready-made query embeddings ``(q, d)`` float32; one best-first list per query."""
+    def search_vectors(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        *,
+        allowed: np.ndarray | None = None,
+        exact: bool = False,
+        nprobe: int | None = None,
+    ) -> list[list[SearchResult]]:
+        """Search with ready-made query embeddings ``(q, d)`` float32; one best-first list per query.
+
+        ``allowed``: sorted int64 image ids the scan is restricted to (None: all); ``exact``: the
+        proven-exact cosine scan instead of the fast scan with exact re-rank (see :mod:`semdb.index`);
+        ``nprobe``: inverted lists the fast scan probes on large collections (more: slower, closer to
+        exact; default :data:`semdb.index.fastscan.DEFAULT_NPROBE`).
+        """
+        if nprobe is not None and nprobe < 1:
+            raise InvalidArgumentError(f"nprobe must be at least 1, got {nprobe}")
         if k < 1:
             raise InvalidArgumentError(f"k must be at least 1, got {k}")
         index = self.index()
         if index.size == 0 or self._store is None:
             raise NotReadyError(f"database {self.location} has no searchable images yet; run `semdb ingest` first")
-        scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        knobs = {"nprobe": nprobe} if nprobe is not None else {}
+        scores, ids = index.search(
+            np.ascontiguousarray(queries, dtype=np.float32), k, allowed=allowed, exact=exact, **knobs
+        )
         with self._store.reading() as repository:
             paths = repository.image_paths(int(i) for i in ids.ravel() if i >= 0)
         return [
@@ -396,18 +462,18 @@ class Database:
         if self.setting("model") is None:
             raise NotReadyError(f"database {self.location} is empty; run `semdb ingest PATH --db {self.location}`")
 
-    def search(self, query: str, k: int = 10) -> list[SearchResult]:
-        """Text → the ``k`` most similar images, best first."""
+    def search(self, query: str, k: int = 10, *, exact: bool = False) -> list[SearchResult]:
+        """Text → the ``k`` most similar images, best first (``exact``: see :meth:`search_vectors`)."""
         if not query.strip():
             raise InvalidArgumentError("empty query: give some text to search for")
         self._check_model()
-        return self.search_vectors(self.encoder.encode_texts([query]), k)[0]
+        return self.search_vectors(self.encoder.encode_texts([query]), k, exact=exact)[0]
 
-    def search_image(self, path: str | os.PathLike[str], k: int = 10) -> list[SearchResult]:
-        """Image → the ``k`` most similar images, best first."""
+    def search_image(self, path: str | os.PathLike[str], k: int = 10, *, exact: bool = False) -> list[SearchResult]:
+        """Image → the ``k`` most similar images, best first (``exact``: see :meth:`search_vectors`)."""
         self._check_model()
         image = load_image(path)
-        return self.search_vectors(self.encoder.encode_images([image]), k)[0]
+        return self.search_vectors(self.encoder.encode_images([image]), k, exact=exact)[0]
 
     # --- stats ----------------------------------------------------------------------------------
 

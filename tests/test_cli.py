@@ -73,6 +73,8 @@ def test_ingest_search_stats_end_to_end(tmp_path: Path, tiny_model_spec: str) ->
     hits = json.loads(search.stdout)
     assert len(hits) == 5 and all({"path", "score"} <= set(hit) for hit in hits)
     assert [hit["score"] for hit in hits] == sorted((hit["score"] for hit in hits), reverse=True)
+    exact = json.loads(run_semdb("search", "a red square", "--db", db, "-k", "5", "--json", "--exact").stdout)
+    assert exact == hits  # 20 images: the exact scan is the only scan
 
     query = images / "green_0.png"
     by_image = json.loads(run_semdb("search", "--image", str(query), "--db", db, "-k", "4", "--json").stdout)

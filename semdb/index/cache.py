@@ -15,6 +15,7 @@ import io
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -23,7 +24,7 @@ import numpy as np
 from semdb.cosine import CosineIndex, CosinePart
 from semdb.index.search_index import CodedGroup, SearchIndex
 
-FORMAT = 2
+FORMAT = 3  # 3: inverted list numbers and the codec state's digest per group (issue 10)
 # A cache larger than this many bytes per expected row (plus a fixed allowance for codebooks and
 # transforms) is not even opened: nothing in a cache file may make semdb allocate without bound.
 MAX_BYTES_PER_ROW = 256
@@ -69,6 +70,9 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
         ).astype(np.float32)
         for part_number, part in enumerate(parts):
             arrays[f"{prefix}index_{part_number}"] = faiss.serialize_index(part.index)
+        # An empty array stands for None: no inverted lists.
+        arrays[prefix + "lists"] = (group.lists if group.lists is not None else np.empty(0)).astype(np.int32)
+        arrays[prefix + "codec_digest"] = np.frombuffer(group.codec_digest, dtype=np.uint8)
     arrays["checksum"] = _checksum(arrays)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
@@ -116,6 +120,21 @@ def load_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> li
     that codec, and the codec's dimension. A missing, unreadable, stale, foreign, altered or
     mis-shaped cache is not an error: the caller rebuilds it.
     """
+    return _load(path, expected, lambda stored: stored == tag, exact_rows=True)
+
+
+def load_earlier_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> list[CodedGroup] | None:
+    """The cached groups of an earlier state of the same database (same database id, any
+    generation), intact and well-formed, or None: a starting point that
+    :func:`semdb.index.build.current_index` reconciles row by row with the store (never trusted as is).
+    """
+    database_id = tag.split(":", 1)[0]
+    return _load(path, expected, lambda stored: bool(database_id) and stored.split(":", 1)[0] == database_id)
+
+
+def _load(
+    path: Path, expected: dict[int, tuple[int, int]], tag_ok: Callable[[str], bool], exact_rows: bool = False
+) -> list[CodedGroup] | None:
     rows_expected = sum(rows for rows, _ in expected.values())
     try:
         arrays = _read_npz(path, rows_expected * MAX_BYTES_PER_ROW + FIXED_ALLOWANCE_BYTES)
@@ -127,20 +146,29 @@ def load_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> li
     try:
         if not np.array_equal(stored_checksum, _checksum(arrays)):
             return None
-        if arrays["format"].tolist() != [FORMAT] or bytes(arrays["tag"]).decode() != tag:
+        if arrays["format"].tolist() != [FORMAT] or not tag_ok(bytes(arrays["tag"]).decode()):
             return None
         codec_ids = [int(codec_id) for codec_id in arrays["codec_ids"]]
-        if sorted(codec_ids) != sorted(expected) or len(set(codec_ids)) != len(codec_ids):
+        if len(set(codec_ids)) != len(codec_ids) or not set(codec_ids) <= set(expected):
             return None
-        return [_group(arrays, number, codec_id, *expected[codec_id]) for number, codec_id in enumerate(codec_ids)]
+        if exact_rows and sorted(codec_ids) != sorted(expected):
+            return None
+        return [
+            _group(arrays, number, codec_id, expected[codec_id][0] if exact_rows else None, expected[codec_id][1])
+            for number, codec_id in enumerate(codec_ids)
+        ]
     except (KeyError, ValueError, UnicodeDecodeError, RuntimeError):
         return None
 
 
-def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, rows: int, dim: int) -> CodedGroup:
-    """One coded group from the cache's arrays; ValueError when a shape disagrees with the store."""
+def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, rows: int | None, dim: int) -> CodedGroup:
+    """One coded group from the cache's arrays; ValueError when a shape disagrees with the store
+    (``rows``: the rows the store holds; None: as many as the cache says, for an earlier state)."""
     prefix = f"g{number}_"
     ids = arrays[prefix + "ids"].astype(np.int64)
+    rows = len(ids) if rows is None else rows
+    if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
+        raise ValueError("cache ids are not sorted")
     sizes = arrays[prefix + "part_sizes"].astype(np.int64)
     part_rows = arrays[prefix + "part_rows"].astype(np.int64)
     inverse_norms = arrays[prefix + "inverse_norms"].astype(np.float32)
@@ -156,4 +184,8 @@ def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, rows: int,
         raise ValueError("cache index shape differs from the store")
     inverse = np.split(inverse_norms, starts) if len(inverse_norms) else [None] * len(sizes)
     parts = [CosinePart(*part) for part in zip(indexes, np.split(part_rows, starts), inverse, strict=True)]
-    return CodedGroup(codec_id, CosineIndex(parts), ids)
+    lists = arrays[prefix + "lists"].astype(np.int32)
+    if len(lists) not in (0, rows) or (len(lists) and lists.min() < 0):
+        raise ValueError("cache lists differ from the store")
+    digest = bytes(arrays[prefix + "codec_digest"])
+    return CodedGroup(codec_id, CosineIndex(parts), ids, lists=lists if len(lists) else None, codec_digest=digest)

@@ -3,23 +3,57 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
 
 from semdb.cosine import CosineIndex
+from semdb.errors import InvalidArgumentError
+from semdb.index.fastscan import DEFAULT_NPROBE, DEFAULT_RERANK, FastScan
+
+# An allowed set of at most this many images of a group is searched by the exact scan of their codes.
+EXACT_ALLOWED_MAX = 20_000
 
 
 @dataclass
 class CodedGroup:
     """The indexed images coded by one codec: its cosine index and the image id of each row.
 
-    ``ids``: ``(n,)`` int64. A code is only ever searched through the codec that made it.
+    ``ids``: ``(n,)`` int64, sorted. A code is only ever searched through the codec that made it.
+    ``fast``: the fast approximate scan with exact re-rank (:mod:`semdb.index.fastscan`) when the
+    codec's words are 4 bits and the group is large enough to gain from it; None: the exact scan.
     """
 
     codec_id: int
     index: CosineIndex
     ids: np.ndarray
+    fast: FastScan | None = None
+    # (n,) int64 inverted list of each row (None: no lists), and the sha256 of the codec's state:
+    # what the cache keeps so that a later state can be reconciled with it (semdb.index.build).
+    lists: np.ndarray | None = None
+    codec_digest: bytes = b""
+
+
+def rows_of(ids: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Rows of sorted ``ids`` ``(n,)`` whose id is in ``allowed`` ``(a,)`` int64 (sorted), ascending."""
+    rows = np.searchsorted(ids, allowed)
+    inside = rows < len(ids)
+    rows = rows[inside]
+    return rows[ids[rows] == allowed[inside]]
+
+
+def check_allowed(allowed: np.ndarray | None) -> np.ndarray | None:
+    """``allowed`` as a sorted, duplicate-free 1-d int64 array (None stays None)."""
+    if allowed is None:
+        return None
+    array = np.asarray(allowed)
+    if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
+        raise InvalidArgumentError(f"allowed must be a 1-d array of integer image ids, got shape {array.shape}")
+    array = array.astype(np.int64)
+    if array.size > 1 and not (array[1:] > array[:-1]).all():
+        array = np.unique(array)
+    return array
 
 
 @dataclass
@@ -28,7 +62,7 @@ class SearchIndex:
 
     ``coded``: one group per codec that made codes of indexed images (normally one); ``staged`` is
     an exact inner-product index over the unit-norm float embeddings not yet coded
-    (``staged_ids``: ``(m,)`` int64 image ids).
+    (``staged_ids``: ``(m,)`` int64 image ids, sorted).
     """
 
     tag: str
@@ -41,31 +75,79 @@ class SearchIndex:
         """Number of searchable rows."""
         return sum(len(group.ids) for group in self.coded) + len(self.staged_ids)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        allowed: np.ndarray | None = None,
+        exact: bool = False,
+        rerank: int = DEFAULT_RERANK,
+        nprobe: int = DEFAULT_NPROBE,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``queries``: ``(q, d)`` float32 → ``(scores, ids)``, both ``(q, k')`` with ``k' = min(k, size)``.
 
         Scores are cosines for unit-norm queries (to the reconstruction of a coded image, to the
-        embedding of a staged one), best first; ids are image ids.
+        embedding of a staged one), best first; ids are image ids (-1 pads a row when fewer match).
+        ``allowed``: sorted int64 image ids the scan is restricted to (None: all). ``exact``: the
+        proven-exact cosine scan (:class:`~semdb.cosine.CosineIndex`) even where a fast scan exists;
+        ``rerank`` and ``nprobe`` tune the fast scan (:mod:`semdb.index.fastscan`).
         """
+        allowed = check_allowed(allowed)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, self.size)
-        parts: list[tuple[faiss.Index | CosineIndex | None, np.ndarray]] = [
-            (group.index, group.ids) for group in self.coded
-        ]
-        parts.append((self.staged, self.staged_ids))
         parts_scores: list[np.ndarray] = []
         parts_ids: list[np.ndarray] = []
-        for index, ids in parts:
-            if index is None or len(ids) == 0:
+        for group in self.coded:
+            if len(group.ids) == 0:
                 continue
-            scores, rows = index.search(queries, min(k, len(ids)))
+            rows = rows_of(group.ids, allowed) if allowed is not None else None
+            # A small allowed set is scanned exactly (|allowed| codes: cheap, and inverted lists could
+            # miss allowed images outside the probed lists).
+            fast = group.fast is not None and not exact and (rows is None or len(rows) > EXACT_ALLOWED_MAX)
+            found = None
+            if fast and group.fast is not None:
+                scores, found = group.fast.search(queries, k, allowed, rerank=rerank, nprobe=nprobe)
+                wanted = min(k, len(group.ids) if rows is None else len(rows))
+                if ((found >= 0).sum(axis=1) < wanted).any():
+                    found = None  # the probed lists held too few allowed images: scan exactly instead
+            if found is None:
+                scores, hit = group.index.search(queries, k, rows)
+                found = np.where(hit >= 0, group.ids[np.maximum(hit, 0)], -1)
             parts_scores.append(scores)
-            parts_ids.append(np.where(rows >= 0, ids[np.maximum(rows, 0)], -1))
+            parts_ids.append(found)
+        if self.staged is not None and len(self.staged_ids):
+            scores, hit = self._search_staged(queries, k, allowed)
+            parts_scores.append(scores)
+            parts_ids.append(np.where(hit >= 0, self.staged_ids[np.maximum(hit, 0)], -1))
         if not parts_scores:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         scores = np.concatenate(parts_scores, axis=1)
         ids = np.concatenate(parts_ids, axis=1)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        scores = np.where(ids >= 0, scores, -np.inf)
+        width = min(k, int((ids >= 0).sum(axis=1).max(initial=0)))
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :width]
+        best_ids = np.take_along_axis(ids, order, axis=1)
+        best_scores = np.take_along_axis(scores, order, axis=1)
+        return np.where(best_ids >= 0, best_scores, 0).astype(np.float32), best_ids
+
+    def _search_staged(self, queries: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """The staged embeddings' best ``k`` rows, restricted inside FAISS to ``allowed`` ids."""
+        assert self.staged is not None
+        depth = min(k, len(self.staged_ids))
+        if allowed is None:
+            result: tuple[np.ndarray, np.ndarray] = self.staged.search(queries, depth)
+            return result
+        mask = np.zeros(len(self.staged_ids), dtype=bool)
+        mask[rows_of(self.staged_ids, allowed)] = True
+        bitmap = np.packbits(mask, bitorder="little")
+        # Both kept in names through the search: the selector owns neither the bits nor itself.
+        selector = faiss.IDSelectorBitmap(len(mask), faiss.swig_ptr(bitmap))
+        params: Any = faiss.SearchParameters()
+        params.sel = selector
+        result = self.staged.search(queries, depth, params=params)
+        del selector, bitmap
+        return result
 
 
 def flat_index(embeddings: np.ndarray) -> faiss.Index | None:

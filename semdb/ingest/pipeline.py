@@ -102,14 +102,8 @@ class Ingestor:
     ) -> IngestReport:
         """Ingest ``roots`` (absolute paths of files and folders); see the module docstring."""
         started = time.perf_counter()
-        found = list(find_images(roots))
-        self.writer.record_bad_paths([(item.path, item.reason) for item in found if isinstance(item, BadFile)])
-        candidates = self._changed([item for item in found if isinstance(item, FoundFile)])
-        if set_total is not None:
-            set_total(len(candidates))
-
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="semdb-decode") as pool:
-            batches = _chunks(candidates, self.batch_size)
+            batches = _chunks(self._candidates(roots, set_total), self.batch_size)
             first = next(batches, None)
             pending = pool.submit(prepare_batch, first, self.max_pixels, self.min_side) if first else None
             while pending is not None:
@@ -130,6 +124,20 @@ class Ingestor:
             self.store.compact()
         self.report.seconds = time.perf_counter() - started
         return self.report
+
+    def _candidates(self, roots: Sequence[str], set_total: Callable[[int], None] | None) -> Iterator[FoundFile]:
+        """The files to read, streamed: the walk is taken :data:`LOOKUP_CHUNK` paths at a time, each
+        chunk's bad paths recorded and its known files checked against the stored records (by the
+        indexed path column), so memory holds one chunk, not every file on disk or in the database.
+        ``set_total`` hears the count found so far, growing as the walk goes on."""
+        total = 0
+        for chunk in _chunks(find_images(roots), LOOKUP_CHUNK):
+            self.writer.record_bad_paths([(item.path, item.reason) for item in chunk if isinstance(item, BadFile)])
+            changed = self._changed([item for item in chunk if isinstance(item, FoundFile)])
+            total += len(changed)
+            if set_total is not None and changed:
+                set_total(total)
+            yield from changed
 
     def _changed(self, files: list[FoundFile]) -> list[FoundFile]:
         """The files that are new or changed since they were stored (size or mtime)."""
@@ -189,9 +197,15 @@ class Ingestor:
         """Forget images under ``roots`` whose files are gone from disk."""
         gone: list[int] = []
         for root in roots:
-            with self.store.reading() as repository:
-                records = repository.images_under(root)
-            gone.extend(image_id for image_id, path in records if not os.path.lexists(path))
+            # Page by page (by id), each page in its own snapshot: memory holds one page of records.
+            after = 0
+            while True:
+                with self.store.reading() as repository:
+                    page = repository.images_under_page(root, after, LOOKUP_CHUNK)
+                if not page:
+                    break
+                gone.extend(image_id for image_id, path in page if not os.path.lexists(path))
+                after = page[-1][0]
         self.writer.forget(sorted(set(gone)))
         self.report.pruned = len(set(gone))
 

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from semdb.codecs import Codec
+from semdb.index.lists import assign_lists, lists_from_bytes, lists_to_bytes, train_lists
 from semdb.ingest.report import IngestReport
 from semdb.paths import display_path
 from semdb.store import STATUS_INDEXED, STATUS_SKIPPED, CodecRow, ImageRow, Repository, Store
@@ -70,6 +71,7 @@ class BatchWriter:
         self.report = report
         self.codec: Codec | None = None
         self.codec_id: int | None = None
+        self.lists: np.ndarray | None = None  # the active codec's coarse centroids (lists, d), if any
 
     # --- the codec --------------------------------------------------------------------------------
 
@@ -78,6 +80,7 @@ class BatchWriter:
         row = repository.active_codec() if repository.active_codec_id() != self.codec_id else None
         if row is not None:
             self.codec, self.codec_id = self.load_codec(row), row.id
+            self.lists = lists_from_bytes(repository.codec_lists(row.id), row.dim)
 
     def _train_staged(self, repository: Repository) -> None:
         """Train the codec on every staged embedding, code them and delete the staging.
@@ -91,10 +94,17 @@ class BatchWriter:
         bits = repository.int_setting("bits_per_image", self.choice.bits_per_image)
         assert bits is not None  # a default was given
         codec = self.train_codec(name, embeddings, bits)
+        lists = train_lists(embeddings)  # inverted lists for large collections (semdb.index.lists)
         codec_id = repository.add_active_codec(
-            codec.name, codec.bits_per_image, codec.dim, codec.to_bytes(), trained_on=len(content_ids)
+            codec.name,
+            codec.bits_per_image,
+            codec.dim,
+            codec.to_bytes(),
+            trained_on=len(content_ids),
+            lists=lists_to_bytes(lists),
         )
-        repository.add_codes(content_ids.tolist(), codec_id, codec.encode(embeddings))
+        self.lists = lists
+        repository.add_codes(content_ids.tolist(), codec_id, codec.encode(embeddings), assign_lists(lists, embeddings))
         repository.clear_staged()
         repository.record_change()
         self.codec, self.codec_id = codec, codec_id
@@ -127,7 +137,9 @@ class BatchWriter:
                 ids = [added[sha] for sha in new]
                 vectors = np.stack([embeddings[sha] for sha in new]).astype(np.float32)
                 if self.codec is not None and self.codec_id is not None:
-                    repository.add_codes(ids, self.codec_id, self.codec.encode(vectors))
+                    repository.add_codes(
+                        ids, self.codec_id, self.codec.encode(vectors), assign_lists(self.lists, vectors)
+                    )
                 else:
                     repository.stage(ids, vectors)
             changed = self._save_records(repository, batch, content_ids, set(added))

@@ -175,7 +175,9 @@ class Repository:
         row = self.connection.execute(select(*_CODEC_COLUMNS).where(CodecRecord.id == codec_id)).first()
         return CodecRow(*row) if row is not None else None
 
-    def add_active_codec(self, name: str, bits_per_image: int, dim: int, state: bytes, trained_on: int) -> int:
+    def add_active_codec(
+        self, name: str, bits_per_image: int, dim: int, state: bytes, trained_on: int, lists: bytes | None = None
+    ) -> int:
         """Store a trained codec as the active one; returns its id.
 
         Raises IntegrityError if another codec is active (the unique partial index): callers hold
@@ -183,7 +185,13 @@ class Repository:
         """
         result = self.connection.execute(
             insert(CodecRecord).values(
-                name=name, bits_per_image=bits_per_image, dim=dim, state=state, trained_on=trained_on, active=True
+                name=name,
+                bits_per_image=bits_per_image,
+                dim=dim,
+                state=state,
+                trained_on=trained_on,
+                active=True,
+                lists=lists,
             )
         )
         key = result.inserted_primary_key
@@ -215,14 +223,18 @@ class Repository:
         )
         return self.content_ids(sha for sha, _, _ in contents)
 
-    def add_codes(self, content_ids: Sequence[int], codec_id: int, codes: np.ndarray) -> None:
-        """Store ``codes`` ``(n, code_size)`` uint8 for ``content_ids`` (n,), made by codec ``codec_id``."""
+    def add_codes(
+        self, content_ids: Sequence[int], codec_id: int, codes: np.ndarray, list_nos: np.ndarray | None = None
+    ) -> None:
+        """Store ``codes`` ``(n, code_size)`` uint8 for ``content_ids`` (n,), made by codec ``codec_id``;
+        ``list_nos`` ``(n,)``: each code's inverted list (None: no lists)."""
         if len(content_ids):
+            lists = [None] * len(content_ids) if list_nos is None else [int(number) for number in list_nos]
             self.connection.execute(
                 insert(Code),
                 [
-                    {"content_id": content_id, "codec_id": codec_id, "code": code.tobytes()}
-                    for content_id, code in zip(content_ids, codes, strict=True)
+                    {"content_id": content_id, "codec_id": codec_id, "code": code.tobytes(), "list_no": list_no}
+                    for content_id, code, list_no in zip(content_ids, codes, lists, strict=True)
                 ],
             )
 
@@ -390,6 +402,51 @@ class Repository:
             .order_by(ImageRecord.id)
         )
         return _ids_and_blobs(self.connection.execute(statement).all(), np.float32, dim)
+
+    # --- issue 10: inverted lists and the streamed index build --------------------------------------
+
+    def codec_lists(self, codec_id: int) -> bytes | None:
+        """The coarse centroids stored with codec ``codec_id`` (``codecs.lists``), None if it has none."""
+        value = self.connection.scalar(select(CodecRecord.lists).where(CodecRecord.id == codec_id))
+        return bytes(value) if value is not None else None
+
+    def images_under_page(self, folder: str, after: int, rows: int) -> list[tuple[int, str]]:
+        """Up to ``rows`` ``(id, path)`` of the records at ``folder`` or below it with ids above
+        ``after``, by id: :meth:`images_under` a page at a time (a prune in bounded memory)."""
+        exact = os.fsencode(folder)
+        prefix = exact.rstrip(b"/") + b"/"
+        upper = prefix[:-1] + b"0"  # b"0" is the byte after b"/"
+        statement = (
+            select(ImageRecord.id, ImageRecord.path)
+            .where(
+                ImageRecord.id > after,
+                or_(ImageRecord.path == exact, (ImageRecord.path >= prefix) & (ImageRecord.path < upper)),
+            )
+            .order_by(ImageRecord.id)
+            .limit(rows)
+        )
+        return [(int(image_id), os.fsdecode(path)) for image_id, path in self.connection.execute(statement)]
+
+    def coded_chunks(
+        self, codec_id: int, code_size: int, rows: int = 65_536
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Indexed images coded by ``codec_id``, by id, ``rows`` at a time:
+        ``(image_ids (m,) int64, codes (m, code_size) uint8, list_nos (m,) int64, -1 where NULL)``.
+
+        Streamed (``yield_per``): only one chunk of rows is ever held as Python objects. A code of
+        another length than ``code_size`` means a damaged row: ValueError.
+        """
+        statement = (
+            select(ImageRecord.id, Code.code, Code.list_no)
+            .join(Code, Code.content_id == ImageRecord.content_id)
+            .where(ImageRecord.status == STATUS_INDEXED, Code.codec_id == codec_id)
+            .order_by(ImageRecord.id)
+        )
+        result = self.connection.execution_options(yield_per=rows).execute(statement)
+        for chunk in result.partitions(rows):
+            ids, codes = _ids_and_blobs(chunk, np.uint8, code_size)
+            lists = np.fromiter((-1 if row[2] is None else row[2] for row in chunk), dtype=np.int64, count=len(chunk))
+            yield ids, codes, lists
 
 
 def _ids_and_blobs(rows: Sequence[Any], dtype: type[np.generic], width: int) -> tuple[np.ndarray, np.ndarray]:

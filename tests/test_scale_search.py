@@ -1,0 +1,258 @@
+"""Issue 10: search restricted to allowed ids, the exact path, and the 4-bit fast scan with exact re-rank."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from semdb.codecs import Codec, train_codec
+from semdb.codecs.faiss_codecs import PQCodec
+from semdb.cosine import inverse_norms
+from semdb.index import CodedGroup, SearchIndex, flat_index
+from semdb.index.build import group_arrays
+from semdb.index.fastscan import FastScan, four_bit_layout
+
+DIM = 32
+N = 3000
+
+
+def clustered(n: int, seed: int) -> np.ndarray:
+    """``(n, DIM)`` unit vectors around 20 centres (what embeddings look like, not uniform noise)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((20, DIM))
+    x = centres[rng.integers(0, 20, n)] + 0.6 * rng.standard_normal((n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    return clustered(N, 0), clustered(12, 1)
+
+
+def brute_force(codec: Codec, codes: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Reference ids: top-k of the cosine to every reconstruction (what the exact path promises)."""
+    vectors = codec.scored_vectors(codes)
+    scores = queries @ vectors.T * inverse_norms(vectors)[None, :]
+    return ids[np.argsort(-scores, axis=1, kind="stable")[:, :k]]
+
+
+def four_bit_pq(x: np.ndarray, bits: int) -> Codec:
+    """A ``pq`` codec at a 4-bit layout (the default layout is 8-bit words)."""
+    import faiss
+
+    index = faiss.IndexPQ(DIM, bits // 4, 4, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    return PQCodec(index)
+
+
+CODECS = {
+    "pcapq": lambda x: train_codec("pcapq", x, 64),
+    "pq-4bit": lambda x: four_bit_pq(x, 64),
+    "pq-8bit": lambda x: train_codec("pq", x, 64),
+}
+
+
+def index_of(codec: Codec, codes: np.ndarray, ids: np.ndarray, fast: bool) -> SearchIndex:
+    cosine = codec.cosine_index(codes)
+    scan = None
+    if fast:
+        layout = four_bit_layout(codec)
+        assert layout is not None
+        scan = FastScan.build(layout, ids, codes, group_arrays(cosine)[1])
+    return SearchIndex("t", [CodedGroup(1, cosine, ids, scan)], None, np.empty(0, np.int64))
+
+
+@pytest.mark.parametrize("name", sorted(CODECS))
+def test_exact_path_equals_brute_force_and_allowed_restricts(name: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, queries = data
+    codec = CODECS[name](x)
+    codes = codec.encode(x)
+    ids = np.arange(N, dtype=np.int64) * 3 + 7  # image ids are not row numbers
+    index = index_of(codec, codes, ids, fast=False)
+    _, got = index.search(queries, 10, exact=True)
+    np.testing.assert_array_equal(got, brute_force(codec, codes, ids, queries, 10))
+    allowed = ids[::7]
+    _, restricted = index.search(queries, 10, allowed=allowed, exact=True)
+    keep = np.isin(ids, allowed)
+    np.testing.assert_array_equal(restricted, brute_force(codec, codes[keep], ids[keep], queries, 10))
+    # Fewer allowed than k: exactly those, each once.
+    _, few = index.search(queries, 10, allowed=ids[[5, 50, 500]], exact=True)
+    assert few.shape == (len(queries), 3)
+    assert all(set(row) == set(ids[[5, 50, 500]]) for row in few)
+
+
+@pytest.mark.parametrize("name", ["pcapq", "pq-4bit", "pqvae-pca"])
+def test_fast_scan_reranks_exactly(
+    name: str, data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from semdb.index import search_index
+
+    monkeypatch.setattr(search_index, "EXACT_ALLOWED_MAX", 0)  # allowed sets take the fast scan here
+    x, queries = data
+    codec = train_codec("pqvae-pca", x, 64) if name == "pqvae-pca" else CODECS[name](x)
+    codes = codec.encode(x)
+    ids = np.arange(N, dtype=np.int64) * 2 + 1
+    index = index_of(codec, codes, ids, fast=True)
+    want = brute_force(codec, codes, ids, queries, 10)
+    # Re-ranking every candidate is the exact answer: the fast scan's codes are the stored ones.
+    scores, got = index.search(queries, 10, rerank=N)
+    np.testing.assert_array_equal(got, want)
+    exact_scores, _ = index.search(queries, 10, exact=True)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5, atol=1e-6)
+    # A short re-rank finds nearly all of them.
+    _, approx = index.search(queries, 10, rerank=100)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx, want, strict=True)])
+    assert recall >= 0.9
+    # allowed runs inside the scan: every hit allowed, and the answer is the restricted exact one.
+    allowed = ids[::5]
+    _, restricted = index.search(queries, 10, allowed=allowed, rerank=N)
+    keep = np.isin(ids, allowed)
+    np.testing.assert_array_equal(restricted, brute_force(codec, codes[keep], ids[keep], queries, 10))
+
+
+def test_eight_bit_words_have_no_fast_layout(data: tuple[np.ndarray, np.ndarray]) -> None:
+    assert four_bit_layout(CODECS["pq-8bit"](data[0])) is None
+    assert four_bit_layout(CODECS["pq-4bit"](data[0])) is not None
+
+
+def test_fast_scan_catches_up(data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, queries = data
+    codec = CODECS["pcapq"](x)
+    codes = codec.encode(x)
+    norms = group_arrays(codec.cosine_index(codes))[1]
+    ids = np.arange(N, dtype=np.int64)
+    layout = four_bit_layout(codec)
+    assert layout is not None and norms is not None
+    # 2048 rows of 8-byte codes: a full block multiple, where FAISS's own append would overrun.
+    scan = FastScan.build(layout, ids[:2048], codes[:2048], norms[:2048])
+    scan.add(ids[2048:2500], codes[2048:2500], norms[2048:2500], None)
+    scan.add(ids[2500:], codes[2500:], norms[2500:], None)
+    gone = ids[::4]
+    scan.remove(gone)
+    keep = ~np.isin(ids, gone)
+    _, got = scan.search(queries, 10, rerank=N)
+    np.testing.assert_array_equal(got, brute_force(codec, codes[keep], ids[keep], queries, 10))
+    assert not np.isin(got, gone).any()
+
+
+def test_staged_rows_respect_allowed() -> None:
+    embeddings = clustered(50, 3)
+    ids = np.arange(50, dtype=np.int64) + 100
+    index = SearchIndex("t", [], flat_index(embeddings), ids)
+    _, got = index.search(embeddings[:3], 5, allowed=ids[10:20])
+    assert np.isin(got, ids[10:20]).all() and got.shape == (3, 5)
+
+
+def test_allowed_must_be_integer_ids(data: tuple[np.ndarray, np.ndarray]) -> None:
+    from semdb.errors import InvalidArgumentError
+
+    index = SearchIndex("t", [], flat_index(data[0][:10]), np.arange(10, dtype=np.int64))
+    with pytest.raises(InvalidArgumentError, match="integer image ids"):
+        index.search(data[1], 3, allowed=np.array([[1.5]]))
+
+
+def test_lists_are_assigned_from_embeddings_and_stored_strictly() -> None:
+    from semdb.errors import DatabaseDamagedError
+    from semdb.index.lists import assign_lists, list_count, lists_from_bytes, lists_to_bytes, train_lists
+
+    x = clustered(2000, 4)
+    assert list_count(100) == 0 and train_lists(x[:100]) is None and assign_lists(None, x) is None
+    centroids = train_lists(x)
+    assert centroids is not None and centroids.shape == (list_count(2000), DIM)
+    lists = assign_lists(centroids, x)
+    assert lists is not None
+    np.testing.assert_array_equal(lists, np.argmax(x @ centroids.T, axis=1))
+    blob = lists_to_bytes(centroids)
+    restored = lists_from_bytes(blob, DIM)
+    assert restored is not None
+    np.testing.assert_array_equal(restored, centroids)
+    assert blob is not None
+    with pytest.raises(DatabaseDamagedError, match=r"codecs\.lists"):
+        lists_from_bytes(blob[:-3], DIM)
+
+
+def test_fast_scan_probes_inverted_lists(data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch) -> None:
+    from semdb.index.lists import assign_lists, train_lists
+
+    x, queries = data
+    codec = CODECS["pcapq"](x)
+    codes = codec.encode(x)
+    norms = group_arrays(codec.cosine_index(codes))[1]
+    ids = np.arange(N, dtype=np.int64)
+    centroids = train_lists(x, lists=16)
+    lists = assign_lists(centroids, x)
+    layout = four_bit_layout(codec)
+    assert layout is not None and centroids is not None
+    half = N // 2
+    scan = FastScan.build(layout, ids[:half], codes[:half], norms[:half], lists[:half], centroids)
+    scan.add(ids[half:], codes[half:], norms[half:], lists[half:])  # appended list by list
+    want = brute_force(codec, codes, ids, queries, 10)
+    # Every list probed and every candidate re-ranked: exact.
+    _, everything = scan.search(queries, 10, nprobe=16, rerank=N)
+    np.testing.assert_array_equal(everything, want)
+    # One list probed: only items of the query's nearest list come back.
+    _, one = scan.search(queries, 10, nprobe=1, rerank=N)
+    nearest = np.argmax(queries @ centroids.T, axis=1)
+    for row, list_no in zip(one, nearest, strict=True):
+        assert set(lists[row[row >= 0]]) <= {list_no}
+    # Allowed images all outside the probed list: the index falls back to the exact restricted scan.
+    from semdb.index import search_index
+
+    monkeypatch.setattr(search_index, "EXACT_ALLOWED_MAX", 0)
+    index = SearchIndex("t", [CodedGroup(1, codec.cosine_index(codes), ids, scan)], None, np.empty(0, np.int64))
+    elsewhere = ids[lists != nearest[0]][:50]
+    _, found = index.search(queries[:1], 10, allowed=elsewhere, nprobe=1)
+    keep = np.isin(ids, elsewhere)
+    np.testing.assert_array_equal(found, brute_force(codec, codes[keep], ids[keep], queries[:1], 10))
+
+
+def test_add_embeddings_and_an_index_that_catches_up(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    import semdb
+    from semdb.errors import InvalidArgumentError
+    from semdb.index import build, cache_path
+    from semdb.index.lists import list_count
+
+    # Small thresholds so that a few thousand rows take the fast scan and the inverted lists.
+    monkeypatch.setattr(build, "FAST_SCAN_MIN_ITEMS", 500)
+    monkeypatch.setattr(build, "LISTS_MIN_ITEMS", 1000)
+    x = clustered(2200, 5)
+    path = tmp_path / "bulk.semdb"
+    paths = [f"/nowhere/{i}.png" for i in range(len(x))]
+    with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
+        with pytest.raises(InvalidArgumentError, match="one row per path"):
+            db.add_embeddings(paths[:3], x[:2])
+        report = db.add_embeddings(paths[:2000], x[:2000], train_size=1000)
+        # One transaction holds all 2,000: the codec (and its lists) train on all of them after it.
+        assert report.added == 2000 and report.codec_trained_on == 2000
+        queries = clustered(5, 6)
+        fast = db.search_vectors(queries, k=10)
+        exact = db.search_vectors(queries, k=10, exact=True)
+        group = db.index().coded[0]
+        assert group.fast is not None and group.fast.lists == list_count(2000) and group.lists is not None
+        overlap = np.mean([len({h.id for h in a} & {h.id for h in b}) / 10 for a, b in zip(fast, exact, strict=True)])
+        assert overlap >= 0.8  # the default nprobe over 16 lists of this small set
+        with pytest.raises(InvalidArgumentError, match="nprobe"):
+            db.search_vectors(queries, k=10, nprobe=0)
+        # Every list probed: the default re-rank depth finds the exact answer on this set.
+        every_list = [[h.id for h in row] for row in db.search_vectors(queries, k=10, nprobe=1000)]
+        assert every_list == [[h.id for h in row] for row in exact]
+        before = db.index()
+        db.add_embeddings(paths[2000:], x[2000:])  # appended: the open index catches up in place
+        after = db.index()
+        assert after is not before and after.coded[0].fast is before.coded[0].fast
+        assert after.coded[0].fast.ntotal == 2200
+        # The caught-up fast scan, every list probed and every candidate re-ranked, is the exact answer.
+        _, exhaustive = after.search(queries, 10, rerank=2200, nprobe=1000)
+        _, exact_ids = after.search(queries, 10, exact=True)
+        np.testing.assert_array_equal(exhaustive, exact_ids)
+        allowed = np.array(sorted(h.id for h in db.search_vectors(queries, k=400, exact=True)[0])[::3], np.int64)
+        hits = db.search_vectors(queries[:1], k=20, allowed=allowed, exact=True)[0]
+        assert {h.id for h in hits} <= set(allowed.tolist()) and len(hits) == 20
+    # A reopen starts from the cache (an exact tag) and answers exactly as before.
+    with semdb.connect(path) as db:
+        reopened = db.search_vectors(queries, k=10, exact=True)
+        final_ids = [[h.id for h in row] for row in reopened]
+    assert cache_path(path).is_file()
+    cache_path(path).unlink()  # rebuilt from the store alone: the same answer
+    with semdb.connect(path) as db:
+        assert [[h.id for h in row] for row in db.search_vectors(queries, k=10, exact=True)] == final_ids
