@@ -19,7 +19,8 @@ one index would (every code is scanned once) plus one distance table per part.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
@@ -42,6 +43,8 @@ class CosinePart:
     index: faiss.Index
     rows: np.ndarray
     inverse_norms: np.ndarray | None
+    # The index emptied of its codes, made on the first filtered search (see CosineIndex.restricted).
+    empty: faiss.Index | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # The bound's factors, once per part rather than once per search (a scan of n_b floats each).
@@ -80,6 +83,22 @@ class CosineIndex:
     def ntotal(self) -> int:
         """Number of items."""
         return sum(len(part.rows) for part in self.parts)
+
+    def restricted(self, selected: np.ndarray) -> CosineIndex:
+        """The items whose ``selected`` ``(n,)`` bool entry is true, as a cosine index of their own.
+
+        Each part becomes a FAISS index holding only its selected codes, so the scan never visits
+        the others (FAISS 1.15's ``IndexPQ`` and additive-quantiser indexes refuse an ``IDSelector``:
+        "selector not supported"); row numbers stay those of the whole index.
+        """
+        parts = []
+        for part in self.parts:
+            local = np.flatnonzero(selected[part.rows])
+            if len(local) == 0:
+                continue
+            norms = part.inverse_norms[local] if part.inverse_norms is not None else None
+            parts.append(CosinePart(_holding_rows(part, local), part.rows[local], norms))
+        return CosineIndex(parts)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """``queries`` ``(q, d)`` float32 → ``(scores, rows)``, both ``(q, min(k, n))``, best first.
@@ -124,6 +143,30 @@ class CosineIndex:
             last = inner[:, -1]
             bound = np.where(last > 0, last * part.largest, last * part.smallest)
         return rescaled, np.where(valid, part.rows[safe], -1), bound
+
+
+def _codes_holder(index: Any) -> Any:
+    """The ``IndexFlatCodes`` that holds the codes of ``index`` (itself, or behind its pre-transform)."""
+    index = faiss.downcast_index(index)
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+
+
+def _holding_rows(part: CosinePart, local: np.ndarray) -> faiss.Index:
+    """A copy of ``part.index`` (an ``IndexFlatCodes``, perhaps behind an ``IndexPreTransform``)
+    holding only its rows ``local`` ``(m,)`` int64, in that order; codes are copied, not re-encoded."""
+    inner = _codes_holder(part.index)
+    codes = faiss.rev_swig_ptr(inner.codes.data(), inner.ntotal * inner.code_size)
+    subset = np.ascontiguousarray(np.asarray(codes).reshape(inner.ntotal, inner.code_size)[local])
+    if part.empty is None:  # one full clone per part, emptied; later copies clone the empty one
+        empty = faiss.clone_index(part.index)
+        _codes_holder(empty).reset()
+        empty.ntotal = 0
+        part.empty = empty
+    copy = faiss.clone_index(part.empty)
+    holder = _codes_holder(copy)
+    holder.add_sa_codes(subset)
+    copy.ntotal = holder.ntotal
+    return copy
 
 
 def _best(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

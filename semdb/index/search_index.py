@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -41,23 +42,51 @@ class SearchIndex:
         """Number of searchable rows."""
         return sum(len(group.ids) for group in self.coded) + len(self.staged_ids)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None, exact: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """``queries``: ``(q, d)`` float32 → ``(scores, ids)``, both ``(q, k')`` with ``k' = min(k, size)``.
 
         Scores are cosines for unit-norm queries (to the reconstruction of a coded image, to the
-        embedding of a staged one), best first; ids are image ids.
+        embedding of a staged one), best first; ids are image ids. ``allowed``: a sorted ``(m,)``
+        int64 array of the image ids to search among (None: all); the restriction happens inside
+        FAISS (an ``IDSelectorBatch`` on the staged index, indexes of only the allowed codes for
+        the coded groups), so ``k'`` results come back whenever ``m >= k``. ``exact``: every scan
+        here is already exhaustive, so it changes nothing (approximate indexes honour it).
         """
-        k = min(k, self.size)
-        parts: list[tuple[faiss.Index | CosineIndex | None, np.ndarray]] = [
-            (group.index, group.ids) for group in self.coded
-        ]
-        parts.append((self.staged, self.staged_ids))
+        del exact  # every index here scans all its rows
+        allowed = None if allowed is None else np.asarray(allowed, dtype=np.int64)
+        selector = None
+        parts: list[tuple[faiss.Index | CosineIndex, np.ndarray, Any, int]] = []
+        for group in self.coded:
+            if allowed is None:
+                parts.append((group.index, group.ids, None, len(group.ids)))
+                continue
+            selected = np.isin(group.ids, allowed, assume_unique=True)
+            count = int(selected.sum())
+            if count:
+                parts.append((group.index.restricted(selected), group.ids, None, count))
+        if self.staged is not None and len(self.staged_ids):
+            if allowed is None:
+                parts.append((self.staged, self.staged_ids, None, len(self.staged_ids)))
+            else:
+                rows = np.flatnonzero(np.isin(self.staged_ids, allowed, assume_unique=True)).astype(np.int64)
+                if len(rows):
+                    # IDSelectorBatch copies the rows into its own set: the array need not outlive it.
+                    selector = faiss.IDSelectorBatch(len(rows), faiss.swig_ptr(rows))
+                    params: Any = faiss.SearchParameters()
+                    params.sel = selector  # ``selector`` stays referenced until the search below ends
+                    parts.append((self.staged, self.staged_ids, params, len(rows)))
+        k = min(k, sum(count for *_, count in parts))
         parts_scores: list[np.ndarray] = []
         parts_ids: list[np.ndarray] = []
-        for index, ids in parts:
-            if index is None or len(ids) == 0:
+        for index, ids, params, count in parts:
+            if k <= 0:
                 continue
-            scores, rows = index.search(queries, min(k, len(ids)))
+            if isinstance(index, CosineIndex):
+                scores, rows = index.search(queries, min(k, count))
+            else:
+                scores, rows = index.search(queries, min(k, count), params=params)
             parts_scores.append(scores)
             parts_ids.append(np.where(rows >= 0, ids[np.maximum(rows, 0)], -1))
         if not parts_scores:
