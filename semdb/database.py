@@ -404,8 +404,10 @@ class Database:
             return self._encoder
         if self._text_encoder is None:
             self._check_model()
-            from semdb.text_tower import load_text_encoder
+            from semdb.text_tower import has_text_tower, load_text_encoder
 
+            if not has_text_tower(self.model_spec):
+                return self.encoder  # loaded once, for texts and images alike
             self._text_encoder = load_text_encoder(self.model_spec, device=self.device)
         return self._text_encoder
 
