@@ -51,6 +51,7 @@ DEFAULT_BITS = 128
 # model is loaded, the exact one (8 bits per dimension of the model's embeddings) right after.
 MAX_BITS_PER_IMAGE = 16_384
 DEFAULT_DB_FILENAME = "semdb.semdb"
+FILTER_CACHE_SIZE = 8  # filters whose allowed ids are kept (issue 13)
 DB_ENV_VAR = "SEMDB_DB"
 
 
@@ -120,6 +121,7 @@ class Database:
         self.on_wait = on_wait
         self._encoder = encoder
         self._text_encoder: TextEncoder | None = None
+        self._filtered: dict[tuple[str, str], np.ndarray] = {}
         self._index: SearchIndex | None = None
         self._codecs: dict[int, Codec] = {}
         # Validate before anything is opened, so that a mistake never leaves a database behind.
@@ -447,7 +449,14 @@ class Database:
         if self._store is None:
             return np.empty(0, np.int64)
         with self._store.reading() as repository:
-            return repository.filtered_image_ids(**filters)
+            # Kept per store state: "load more" and a query refined under the same filters reuse
+            # the ids (at 1M images, one folder of 100,000 took 1.3 s to read from SQLite under load).
+            key = (repository.state_tag(), repr(sorted(filters.items())))
+            if key not in self._filtered:
+                if len(self._filtered) >= FILTER_CACHE_SIZE:
+                    self._filtered.pop(next(iter(self._filtered)))
+                self._filtered[key] = repository.filtered_image_ids(**filters)
+            return self._filtered[key]
 
     def image_details(self, image_ids: Sequence[int]) -> dict[int, ImageDetails]:
         """image id → path bytes, mtime, pixel size and content sha256, for indexed images."""
