@@ -101,7 +101,9 @@ def test_thumbnails_are_made_once_then_cached_within_the_bound(served: tuple, tm
     assert thumb.size == (256, 171)  # 600 x 400 fitted into 256 x 256
     again = client.get(hit["thumbnail"])
     assert again.headers["x-thumbnail-cache"] == "hit" and again.content == first.content
-    assert client.get(hit["file"]).content == (folder / "a" / "green_big.png").read_bytes()
+    original = client.get(hit["file"])
+    assert original.content == (folder / "a" / "green_big.png").read_bytes()
+    assert original.headers["content-type"] == "image/png" and original.headers["x-content-type-options"] == "nosniff"
 
     small = ThumbnailCache(tmp_path / "small", max_bytes=3000)
     details = db.image_details(
