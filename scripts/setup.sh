@@ -18,6 +18,14 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null && command -v apt-
     $SUDO apt-get install -y -q postgresql || { $SUDO apt-get update -q && $SUDO apt-get install -y -q postgresql; }
 fi
 
+# issue 13: Debian's chromium for the browser tests (Playwright drives it; it never downloads a browser).
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    $SUDO apt-get install -y -q chromium \
+        || { $SUDO apt-get update -q && $SUDO apt-get install -y -q chromium; }
+fi
+
 # torch and torchvision are pinned together: PyPI's torchvision only imports beside its matching torch.
 python3 -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python3 -m pip install -q -e ".[dev]"

@@ -20,14 +20,15 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from PIL import Image
-from torchvision import transforms
 
 from semdb.errors import ModelUnavailableError
 from semdb.images import pad_to_aspect_ratio
+
+if TYPE_CHECKING:  # torch and torchvision are imported where used: the text tower alone needs neither
+    import torch
 
 ARCH = "tiny_fashion"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -82,6 +83,7 @@ def make_preprocess(image_size: int) -> Callable[[Image.Image], torch.Tensor]:
     first (the same picture in the end), since open_clip's resize would give its short side 0 pixels.
     """
     import open_clip
+    from torchvision import transforms
 
     clip_transform = open_clip.image_transform(
         image_size, is_train=False, mean=PIXEL_MEAN, std=PIXEL_STD, resize_mode="longest", fill_color=0

@@ -12,16 +12,28 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
+from semdb import __version__
 from semdb.codecs import DEFAULT_CODEC, list_codecs
-from semdb.database import DB_ENV_VAR, DEFAULT_BITS, DEFAULT_DB_FILENAME, SearchResult, connect, default_database_path
+from semdb.database import (
+    DB_ENV_VAR,
+    DEFAULT_BITS,
+    DEFAULT_DB_FILENAME,
+    Database,
+    SearchResult,
+    connect,
+    default_database_path,
+)
 from semdb.encoder import BUNDLED_MODEL, DEFAULT_MODEL
 from semdb.errors import SemdbError
 from semdb.images import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from semdb.query import Query
 
 EXIT_ERROR = 1
 stdout = Console(soft_wrap=True)
@@ -171,42 +183,92 @@ def _add_ingest(subparsers: Any) -> None:
 # --- search -------------------------------------------------------------------------------------
 
 
-def _print_results(results: list[SearchResult], as_json: bool, title: str) -> None:
-    if as_json:
+def _print_results(results: list[SearchResult], output_format: str, title: str) -> None:
+    """``paths``: one path per line (for pipes: ``xargs``, ``feh``...); ``table``: rank, score and
+    the whole path, folded rather than cut when the terminal is narrow; ``json``: a list of hits."""
+    if output_format == "json":
         _print_json([result.to_dict() for result in results])
-        return
-    table = Table("#", "score", "path", title=title, title_justify="left")
-    for rank, result in enumerate(results, start=1):
-        table.add_row(str(rank), f"{result.score:.3f}", result.path)
-    stdout.print(table)
+    elif output_format == "paths":
+        sys.stdout.write("".join(result.path + "\n" for result in results))
+    else:
+        table = Table("#", "score", title=title, title_justify="left")
+        table.add_column("path", overflow="fold")
+        for rank, result in enumerate(results, start=1):
+            table.add_row(str(rank), f"{result.score:.3f}", result.path)
+        stdout.print(table)
+
+
+def _build_query(db: Database, args: argparse.Namespace) -> Query:
+    """The command line's terms, filters and paging as one :class:`~semdb.query.Query`."""
+    query = db.query(args.text) if args.text is not None else db.query()
+    if args.image is not None:
+        query = query.image(args.image)
+    for image_id in args.like:
+        query = query.like(image_id)
+    if not query.terms:
+        raise SemdbError("give search TEXT, --image PATH or --like ID (`semdb search --help` shows the query language)")
+    query = query.limit(args.k).offset(args.offset).under(*args.under).exact(args.exact)
+    if args.after is not None or args.before is not None:
+        query = query.modified(args.after, args.before)
+    if args.min_width is not None or args.min_height is not None:
+        query = query.min_size(args.min_width, args.min_height)
+    if args.min_score is not None:
+        query = query.min_score(args.min_score)
+    return query
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    if (args.text is None) == (args.image is None):
-        raise SemdbError("give either search TEXT or --image PATH (not both)")
+    output_format = "json" if args.json else args.format or ("table" if stdout.is_terminal else "paths")
     with connect(args.db or default_database_path(), model=args.model, create=False, device=args.device) as db:
-        if args.image is not None:
-            results = db.search_image(args.image, k=args.k, exact=args.exact)
-            title = f"images like {args.image}"
-        else:
-            results = db.search(args.text, k=args.k, exact=args.exact)
-            title = f"“{args.text}”"
-    _print_results(results, args.json, title)
+        query = _build_query(db, args)
+        kinds = {term.kind for term in query.terms}
+        # Load the model before searching, under a spinner (on a terminal): it is most of a cold search.
+        with stderr.status(f"loading {db.model_spec}…"):
+            if "image" in kinds:
+                _ = db.encoder
+            elif "text" in kinds:
+                _ = db.text_encoder
+        results = query.results()
+    _print_results(results, output_format, query.describe())
     return 0
+
+
+QUERY_LANGUAGE = """query language:
+  red dress + 0.5:beach - night   terms joined by " + " or " - " (spaces around the sign)
+  2:sneaker                       a weight before a colon ("-" or a negative weight: "not")
+  id:42                           the database's image 42, by its stored code (--like 42)
+  ./photo.jpg + snow              an image file, by its path (--image PATH)
+"""
 
 
 def _add_search(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "search",
-        help="find images by text, or by a query image",
-        description="Search a database by text (CLIP text encoder) or by an example image, over the stored codes.",
-        epilog='examples:\n  semdb search "a dog on a beach" -k 5 --db photos.semdb\n'
-        "  semdb search --image query.jpg --json",
+        help="find images by text, by a query image, or both, with filters",
+        description="Search a database by text (CLIP text encoder), by example images, or a weighted mix, "
+        "over the stored codes; filters restrict the scan to the images that pass them. "
+        "Prints one path per line when stdout is not a terminal, a table when it is.",
+        epilog=QUERY_LANGUAGE + '\nexamples:\n  semdb search "a dog on a beach" -k 5 --db photos.semdb\n'
+        '  semdb search "a handbag - leather" --under ~/Pictures/2023 --after 2023-06-01 --format table\n'
+        "  semdb search --image query.jpg --json\n"
+        '  semdb search "sneaker" --format paths | xargs feh',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("text", nargs="?", default=None, metavar="TEXT", help="what to look for")
-    parser.add_argument("--image", default=None, metavar="PATH", help="search by this image instead of text")
-    parser.add_argument("-k", type=_positive_int, default=10, metavar="N", help="number of results (default 10)")
+    parser.add_argument("text", nargs="?", default=None, metavar="QUERY", help="what to look for (see below)")
+    parser.add_argument("--image", default=None, metavar="PATH", help="search by this image (with QUERY: both)")
+    parser.add_argument(
+        "--like", type=int, action="append", default=[], metavar="ID", help="search by a stored image (repeatable)"
+    )
+    parser.add_argument("-k", "--limit", dest="k", type=_positive_int, default=10, metavar="N", help="results (10)")
+    parser.add_argument("--offset", type=int, default=0, metavar="N", help="skip the N best (the next page)")
+    parser.add_argument(
+        "--under", action="append", default=[], metavar="DIR", help="only images in this folder (repeatable: any)"
+    )
+    parser.add_argument("--after", default=None, metavar="DATE", help="only files modified on or after DATE")
+    parser.add_argument("--before", default=None, metavar="DATE", help="only files modified before DATE (or on it)")
+    parser.add_argument("--min-width", type=_positive_int, default=None, metavar="PX", help="only images this wide")
+    parser.add_argument("--min-height", type=_positive_int, default=None, metavar="PX", help="only images this high")
+    parser.add_argument("--min-score", type=float, default=None, metavar="S", help="only hits scoring at least S")
     parser.add_argument(
         "--exact",
         action="store_true",
@@ -217,7 +279,13 @@ def _add_search(subparsers: Any) -> None:
         "--model", default=None, metavar="SPEC", help="must match the database's model (checked, not needed)"
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
-    _add_json_option(parser)
+    parser.add_argument(
+        "--format",
+        choices=("paths", "table", "json"),
+        default=None,
+        help="paths: one per line; table; json (default: table on a terminal, else paths)",
+    )
+    parser.add_argument("--json", action="store_true", help="same as --format json")
     parser.set_defaults(handler=_cmd_search)
 
 
@@ -288,6 +356,40 @@ def _add_migrate(subparsers: Any) -> None:
     parser.set_defaults(handler=_cmd_migrate)
 
 
+# --- models -------------------------------------------------------------------------------------
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from semdb.encoder import list_models
+
+    models = list_models()
+    if args.json:
+        _print_json([model.to_dict() for model in models])
+        return 0
+    table = Table("model spec", "where", title="models for --model", title_justify="left")
+    table.columns[0].overflow = "fold"
+    for model in models:
+        table.add_row(model.spec, model.where)
+    stdout.print(table)
+    stdout.print(
+        f"or ARCH:/path/to/checkpoint.safetensors for local weights; default: {DEFAULT_MODEL}", highlight=False
+    )
+    return 0
+
+
+def _add_models(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "models",
+        help="list the models --model accepts",
+        description="The bundled offline model and every open_clip ARCH:TAG, with whether its weights "
+        "are already on this machine (else they are downloaded on first use).",
+        epilog="example:\n  semdb models --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_json_option(parser)
+    parser.set_defaults(handler=_cmd_models)
+
+
 # --- commands that live in their own modules ----------------------------------------------------
 
 _MODULE_COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -296,6 +398,11 @@ _MODULE_COMMANDS: dict[str, tuple[str, str, str]] = {
         "semdb.demo",
         "offline demo: ingest Fashion-MNIST images with the bundled model and query them",
         "semdb demo --dir semdb-demo/images --db semdb-demo/demo.semdb",
+    ),
+    "serve": (
+        "semdb.server.command",
+        "a search page and JSON API on localhost, with the model kept loaded",
+        "semdb serve --db photos.semdb --port 8765",
     ),
     "eval": (
         "semdb.eval_command",
@@ -339,11 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
         '  semdb ingest ~/Pictures --db photos.semdb\n  semdb search "a dog on a beach" --db photos.semdb',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"semdb {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_ingest(subparsers)
     _add_search(subparsers)
     _add_stats(subparsers)
     _add_migrate(subparsers)
+    _add_models(subparsers)
     for name in _MODULE_COMMANDS:
         _add_module_command(subparsers, name)
     return parser

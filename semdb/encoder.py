@@ -189,6 +189,33 @@ def _weights_cached(pretrained_cfg: dict[str, Any]) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, name), str) for name in filenames)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model ``--model`` accepts: its spec and where its weights are (``bundled``, ``downloaded``,
+    or ``not downloaded``: fetched on first use)."""
+
+    spec: str
+    where: str
+
+    def to_dict(self) -> dict[str, str]:
+        """A JSON-ready dict."""
+        return {"spec": self.spec, "where": self.where}
+
+
+def list_models() -> list[ModelInfo]:
+    """The bundled model, then every open_clip ``ARCH:TAG`` (``open_clip.list_pretrained()``)."""
+    import open_clip
+
+    models = [ModelInfo(BUNDLED_MODEL, "bundled (offline)")]
+    for arch, tag in open_clip.list_pretrained():
+        try:
+            cached = _weights_cached(open_clip.pretrained.get_pretrained_cfg(arch, tag))
+        except ValueError:  # an hf_hub entry naming a file inside the repository: not looked up here
+            cached = False
+        models.append(ModelInfo(f"{arch}:{tag}", "downloaded" if cached else "not downloaded"))
+    return models
+
+
 def load_encoder(spec: str, device: str | None = None, batch_size: int = 64) -> OpenClipEncoder:
     """Load the model named by ``spec`` (see the module docstring) as an :class:`OpenClipEncoder`."""
     if spec == BUNDLED_MODEL:

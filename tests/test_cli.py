@@ -81,9 +81,12 @@ def test_ingest_search_stats_end_to_end(tmp_path: Path, tiny_model_spec: str) ->
     # Even a random network maps the four near-identical green squares closest to each other.
     assert {Path(hit["path"]).name for hit in by_image} == {f"green_{i}.png" for i in range(4)}
 
-    # The human-readable forms print tables, and SEMDB_DB stands in for --db.
-    table = run_semdb("search", "a red square", "-k", "2", env={"SEMDB_DB": db})
+    # The human-readable form prints a table (piped, the default is one path per line), and
+    # SEMDB_DB stands in for --db.
+    table = run_semdb("search", "a red square", "-k", "2", "--format", "table", env={"SEMDB_DB": db})
     assert table.returncode == 0 and "score" in table.stdout
+    piped = run_semdb("search", "a red square", "-k", "2", env={"SEMDB_DB": db})
+    assert piped.stdout.splitlines() == [hit["path"] for hit in hits[:2]]
 
     again = json.loads(run_semdb("ingest", str(images), "--db", db, "--json").stdout)
     assert (again["added"], again["unchanged"], len(again["skipped"])) == (0, 20, 1)

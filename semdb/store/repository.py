@@ -74,6 +74,24 @@ class ImageRow:
 
 
 @dataclass(frozen=True)
+class ImageDetails:
+    """What the server needs of an indexed image (issue 13): its stored path bytes, the file's
+    mtime at ingest, the content's size and sha256 (what a served file must still hash to)."""
+
+    id: int
+    path_bytes: bytes
+    mtime_ns: int | None
+    width: int
+    height: int
+    sha256: str
+
+    @property
+    def path(self) -> str:
+        """The path as readable text (see :func:`display_path`)."""
+        return display_path(self.path_bytes)
+
+
+@dataclass(frozen=True)
 class Counts:
     """How many rows of each kind a database holds."""
 
@@ -447,6 +465,90 @@ class Repository:
             ids, codes = _ids_and_blobs(chunk, np.uint8, code_size)
             lists = np.fromiter((-1 if row[2] is None else row[2] for row in chunk), dtype=np.int64, count=len(chunk))
             yield ids, codes, lists
+
+    # --- issue 13: query filters, stored vectors of one image, image details for the server ------
+
+    def filtered_image_ids(
+        self,
+        *,
+        under: Sequence[str] = (),
+        modified_after_ns: int | None = None,
+        modified_before_ns: int | None = None,
+        min_width: int | None = None,
+        min_height: int | None = None,
+    ) -> np.ndarray:
+        """Sorted ``(m,)`` int64 ids of the indexed images that pass every filter given.
+
+        ``under``: folders (absolute); an image passes when it is in any of them, at any depth.
+        ``modified_*_ns``: the file's mtime (ns since the epoch) at ingest, after ≤ it < before.
+        ``min_width``/``min_height``: the stored pixel size of its content.
+        """
+        statement = select(ImageRecord.id).where(ImageRecord.status == STATUS_INDEXED)
+        if under:
+            ranges = []
+            for folder in under:
+                exact = os.fsencode(folder)
+                prefix = exact.rstrip(b"/") + b"/"
+                # As in images_under: a byte range, no LIKE wildcards to escape, uses the path index.
+                ranges.append(
+                    or_(
+                        ImageRecord.path == exact,
+                        (ImageRecord.path >= prefix) & (ImageRecord.path < prefix[:-1] + b"0"),
+                    )
+                )
+            statement = statement.where(or_(*ranges))
+        if modified_after_ns is not None:
+            statement = statement.where(ImageRecord.mtime_ns >= modified_after_ns)
+        if modified_before_ns is not None:
+            statement = statement.where(ImageRecord.mtime_ns < modified_before_ns)
+        if min_width is not None or min_height is not None:
+            statement = statement.join(Content, Content.id == ImageRecord.content_id)
+            if min_width is not None:
+                statement = statement.where(Content.width >= min_width)
+            if min_height is not None:
+                statement = statement.where(Content.height >= min_height)
+        ids = self.connection.scalars(statement.order_by(ImageRecord.id)).all()
+        return np.fromiter(ids, dtype=np.int64, count=len(ids))
+
+    def stored_vector_source(self, image_id: int) -> tuple[int | None, bytes] | None:
+        """What an indexed image is searched by: ``(codec_id, code)`` when coded, ``(None, float32
+        embedding bytes)`` while staged; None when the id is not an indexed image."""
+        content_id = self.connection.scalar(
+            select(ImageRecord.content_id).where(ImageRecord.id == image_id, ImageRecord.status == STATUS_INDEXED)
+        )
+        if content_id is None:
+            return None
+        coded = self.connection.execute(select(Code.codec_id, Code.code).where(Code.content_id == content_id)).first()
+        if coded is not None:
+            return int(coded.codec_id), bytes(coded.code)
+        staged = self.connection.scalar(
+            select(StagedEmbedding.embedding).where(StagedEmbedding.content_id == content_id)
+        )
+        return (None, bytes(staged)) if staged is not None else None
+
+    def image_details(self, image_ids: Iterable[int]) -> dict[int, ImageDetails]:
+        """image id → :class:`ImageDetails` of the indexed images among ``image_ids``."""
+        wanted = sorted(set(image_ids))
+        found: dict[int, ImageDetails] = {}
+        columns = (
+            ImageRecord.id,
+            ImageRecord.path,
+            ImageRecord.mtime_ns,
+            Content.width,
+            Content.height,
+            Content.sha256,
+        )
+        for chunk in _chunks(wanted):
+            statement = (
+                select(*columns)
+                .join(Content, Content.id == ImageRecord.content_id)
+                .where(ImageRecord.id.in_(chunk), ImageRecord.status == STATUS_INDEXED)
+            )
+            for row in self.connection.execute(statement):
+                found[int(row.id)] = ImageDetails(
+                    int(row.id), bytes(row.path), row.mtime_ns, int(row.width), int(row.height), str(row.sha256)
+                )
+        return found
 
 
 def _ids_and_blobs(rows: Sequence[Any], dtype: type[np.generic], width: int) -> tuple[np.ndarray, np.ndarray]:
