@@ -176,7 +176,10 @@ def test_a_cache_from_another_database_or_an_earlier_state_is_never_used(tmp_pat
             return [hit.path for hit in db.search_vectors(query, k=10)[0]]
 
     for path, folder in ((first, "a"), (second, "b")):
-        semdb.connect(path, encoder=FakeEncoder(), bits=16).ingest(tmp_path / folder, batch_size=8, train_size=8)
+        # Closed at once: a connection left open keeps the WAL file, which a restore copied over the
+        # database file would then replay (SQLite's rule: restore a database without its -wal).
+        with semdb.connect(path, encoder=FakeEncoder(), bits=16) as db:
+            db.ingest(tmp_path / folder, batch_size=8, train_size=8)
         answer(path)  # writes the cache
     truth = answer(second)
     # Another database's cache, with the same generation counter and codec id.
