@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from semdb.codecs import DEFAULT_CODEC, Codec, codec_class, load_codec, train_codec
+from semdb.codec_file import parse_report, read_codec_file, write_codec_file
+from semdb.codecs import Codec, codec_class, load_codec
 from semdb.codecs.base import check_bits
+from semdb.codecs.choice import TrainedCodec, train_for_database
 from semdb.encoder import DEFAULT_MODEL, Encoder, load_encoder
 from semdb.errors import (
     DatabaseDamagedError,
@@ -38,8 +40,8 @@ from semdb.ingest import (
     resolve_roots,
 )
 from semdb.store import CodecRow, Counts, Repository, Store
+from semdb.vocabulary import query_sample
 
-DEFAULT_BITS = 128
 # No codec here spends more than a byte per embedding dimension; this bound is checked before a
 # model is loaded, the exact one (8 bits per dimension of the model's embeddings) right after.
 MAX_BITS_PER_IMAGE = 16_384
@@ -80,6 +82,8 @@ class Stats:
     codec: str | None
     codec_trained_on: int | None
     database_bytes: int
+    # Why the codec was chosen and what its codes keep (semdb.codecs.choice); None before one exists.
+    codec_report: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -241,17 +245,27 @@ class Database:
         batch_size: int = DEFAULT_BATCH_SIZE,
         train_size: int = DEFAULT_TRAIN_SIZE,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        codec_file: str | os.PathLike[str] | None = None,
+        fidelity: float | None = None,
     ) -> IngestReport:
         """Ingest image files and folders (one path or several; folders recursively).
 
         Bad files are skipped and reported. ``train_size``: embeddings staged before the codec is
-        trained (it is also trained when the ingest ends with fewer). Every argument is checked, and
-        every path must exist, before anything is read or created.
+        trained (it is also trained when the ingest ends with fewer). ``codec_file``: a codec
+        written by :meth:`export_codec` (or shipped), used from the first batch instead of training
+        one. ``fidelity``: with no bits given, code at the smallest rate whose text→image fidelity
+        on the staged images reaches it (``--bits auto``). Every argument is checked, and every path
+        must exist, before anything is read or created.
         """
         if batch_size < 1 or train_size < 1 or max_pixels < 1:
             raise InvalidArgumentError("batch size, train size and max pixels must be positive")
+        if fidelity is not None and (self._wanted["bits_per_image"] is not None or not 0 < fidelity <= 1):
+            raise InvalidArgumentError(
+                "--fidelity F (0 < F ≤ 1) chooses the rate: give it with --bits auto, not --bits N"
+            )
         roots = resolve_roots(paths)
         encoder = self.encoder
+        shipped = self._shipped_codec(codec_file, encoder) if codec_file is not None else None
         bits = self._wanted["bits_per_image"]
         if bits is not None and int(bits) > 8 * encoder.dim:
             raise InvalidArgumentError(
@@ -268,7 +282,7 @@ class Database:
                     f"model {encoder.spec} gives {encoder.dim}-d embeddings; database {self.location} holds "
                     f"{stored_dim}-d ones"
                 )
-            stored_bits = repository.int_setting("bits_per_image", DEFAULT_BITS)
+            stored_bits = repository.int_setting("bits_per_image")
             if "model" not in settings:
                 to_record["model"] = encoder.spec
             if "dim" not in settings:
@@ -280,12 +294,15 @@ class Database:
         writer = BatchWriter(
             store,
             CodecChoice(
-                settings.get("codec", DEFAULT_CODEC),
-                int(to_record.get("bits_per_image") or stored_bits or DEFAULT_BITS),
+                settings.get("codec"),
+                int(to_record.get("bits_per_image") or stored_bits or 0) or None,
+                shipped,
             ),
             train_size=train_size,
             dim=encoder.dim,
-            train_codec=lambda name, embeddings, bits: train_codec(name, embeddings, bits),
+            train_codec=lambda name, embeddings, bits: train_for_database(
+                embeddings, codec=name, bits=bits, fidelity=fidelity, queries=lambda limit: query_sample(encoder, limit)
+            ),
             load_codec=self._load_codec,
             report=report,
         )
@@ -353,12 +370,14 @@ class Database:
         counts = Counts(0, 0, 0, 0)
         active = None
         stored_bits = None
+        report = None
         if self._store is not None:
             with self._store.reading() as repository:
                 settings = repository.settings()
                 counts = repository.counts()
                 active = repository.active_codec()
                 stored_bits = repository.int_setting("bits_per_image")
+                report = repository.codec_report(active.id) if active else None
         bits = active.bits_per_image if active else stored_bits
         database_bytes = self._store.size_bytes() if self._store is not None else 0
         return Stats(
@@ -373,7 +392,44 @@ class Database:
             codec=active.name if active else settings.get("codec"),
             codec_trained_on=active.trained_on if active else None,
             database_bytes=database_bytes,
+            codec_report=parse_report(report),
         )
+
+    # --- codec files (issue 11) -----------------------------------------------------------------
+
+    def export_codec(self, path: str | os.PathLike[str]) -> None:
+        """Write the database's codec, its model spec and report to ``path`` (:mod:`semdb.codec_file`)."""
+        if self._store is None:
+            raise NotReadyError(f"database {self.location} is empty; run `semdb ingest PATH --db {self.location}`")
+        with self._store.reading() as repository:
+            active = repository.active_codec()
+            report = repository.codec_report(active.id) if active else None
+            model = repository.setting("model")
+        if active is None or model is None:
+            raise NotReadyError(f"database {self.location} has no codec yet; ingest more images first")
+        write_codec_file(path, self._load_codec(active), model=model, report=parse_report(report) or {})
+
+    def _shipped_codec(self, path: str | os.PathLike[str], encoder: Encoder) -> TrainedCodec:
+        """The codec in file ``path``, refused unless it was made for ``encoder``'s model and matches
+        the codec and bits this database is bound to or asked for."""
+        shipped = read_codec_file(path, model=encoder.spec, dim=encoder.dim)
+        codec = shipped.codec
+        if self._store is not None:
+            with self._store.reading() as repository:
+                active = repository.active_codec()
+            if active is not None and active.state != codec.to_bytes():
+                raise ModelMismatchError(
+                    f"database {self.location} already has its codec; --codec-file is for a new database: "
+                    "use another --db"
+                )
+        for key, value in (("codec", shipped.report.get("codec")), ("bits_per_image", str(codec.bits_per_image))):
+            wanted = self._wanted[key] or self.setting(key)
+            if wanted is not None and wanted != value:
+                raise ModelMismatchError(
+                    f"codec file {os.fspath(path)} holds {value} for {key.replace('_', ' ')}, not {wanted}: "
+                    "drop --codec/--bits or use another --db"
+                )
+        return shipped
 
     def skipped(self) -> list[tuple[str, str]]:
         """Every file recorded as skipped, with its reason."""
