@@ -56,6 +56,7 @@ def write_codec_file(path: str | os.PathLike[str], codec: Codec, *, model: str, 
     }
     temporary = target.with_name(f".{target.name}.tmp")
     save_file({"state": np.frombuffer(codec.to_bytes(), dtype=np.uint8).copy()}, str(temporary), metadata=metadata)
+    os.chmod(temporary, 0o644)  # a file to hand on: readable like any other (safetensors writes it 0600)
     temporary.replace(target)
 
 

@@ -170,3 +170,10 @@ def test_cli_shows_the_choice_exports_and_refuses_mistakes(tmp_path: Path, tiny_
         run_semdb("ingest", str(images), "--db", fresh, "--bits", "64", "--fidelity", "0.9"), "--bits auto"
     )
     assert not Path(fresh).exists()
+
+
+def test_the_codec_shipped_for_the_bundled_model_loads() -> None:
+    from semdb.codec_file import BUNDLED_CODEC_FILE
+
+    shipped = read_codec_file(BUNDLED_CODEC_FILE, model="tiny-fashion", dim=384)
+    assert shipped.codec.bits_per_image == 64 and shipped.report["calibration_fidelity"]["held_out"] == 1000
