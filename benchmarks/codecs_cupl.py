@@ -146,8 +146,9 @@ def generic_sample(names: list[str], held_out: np.ndarray) -> np.ndarray:
     """semdb's shipped query vocabulary (:mod:`semdb.vocabulary`) without the texts of the held-out
     classes, embedded by all-MiniLM-L6-v2 (the text tower of a database of these embeddings).
 
-    The vocabulary holds CuPL descriptions, and the test items are CuPL sentences: every text of a
-    class judged on is left out, and that is checked here, so that the sample never saw the answers.
+    The vocabulary holds the prompts of the CuPL classes, and the queries judged are the held-out
+    classes' prompts: every text of a class judged on is left out (its prompt and any CuPL sentence of
+    it), and that is checked here, so that the sample never saw the answers.
     """
     from semdb.vocabulary import vocabulary, vocabulary_classes
 

@@ -1,12 +1,13 @@
-"""The generic query sample: a few thousand short texts shipped with semdb, no network needed.
+"""The generic query sample: 998 short query-like texts shipped with semdb, no network needed.
 
 Codecs spend their bits where queries look (:mod:`semdb.codecs.query_weighted`), and fidelity is
 measured on text queries (:mod:`semdb.fidelity`); both need a sample of queries before any user has
 asked one. ``assets/query_vocabulary.json`` holds, for each of the 998 ImageNet classes of the CuPL
 descriptions (clip-benchmark 1.6.2, MIT licence — the licence text is in the asset), the prompt
-``"a photo of a {class}."`` and two CuPL descriptions: 2,994 texts, grouped by class so that a
-benchmark can leave out the classes it judges on. Built by ``scripts/build_query_vocabulary.py``;
-embedded by the database's own text tower when its codec is trained.
+``"a photo of a {class}."``: short texts shaped like queries, grouped by class so that a benchmark
+can leave out the classes it judges on. (CuPL descriptions in the sample, or more templates, did
+worse: ``scripts/build_query_vocabulary.py``.) Built by that script; embedded by the database's own
+text tower when its codec is trained.
 """
 
 from __future__ import annotations
