@@ -143,6 +143,7 @@ def test_ingest_records_the_choice_and_a_codec_file_codes_a_new_database(tmp_pat
     assert not (tmp_path / "c.semdb").exists()
 
 
+@pytest.mark.slow
 def test_cli_shows_the_choice_exports_and_refuses_mistakes(tmp_path: Path, tiny_model_spec: str) -> None:
     from conftest import write_colour_images
     from test_cli import assert_one_line_error, run_semdb
