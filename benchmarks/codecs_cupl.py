@@ -10,6 +10,12 @@ the 200 held-out classes with the prompts ``"a photo of a {class}."`` as queries
     python benchmarks/codecs_cupl.py --embed-only   # ~15+ min on 2 cores, cached under .cache/
     python benchmarks/codecs_cupl.py --codec pq,opq,rq,pqvae --bits 32,64,128,256
     python benchmarks/codecs_cupl.py --codec pqvae-pca,pcapq --bits 32,64,128 --query-weighted   # docs/codecs.md §00
+    python benchmarks/codecs_cupl.py --codec default --bits 32,64 --query-sample generic --split-seed 1  # §11
+
+``--query-sample generic`` weights by semdb's shipped vocabulary (:mod:`semdb.vocabulary`) with every
+text of the 198 held-out classes removed — checked before anything is trained, so the sample never
+holds a prompt or a description of a class the codecs are judged on. ``--codec default`` trains what
+``semdb ingest`` trains (:mod:`semdb.codecs.choice`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from semdb.codecs import train_codec
+from semdb.codecs import Codec, train_codec
+from semdb.codecs.choice import train_for_database
 from semdb.eval_command import parse_bits, parse_codecs, render_table
 from semdb.evaluation import evaluate_codecs
 
@@ -98,9 +105,10 @@ def load_cupl(cache: Path = CACHE) -> tuple[list[str], np.ndarray, np.ndarray, n
     return names, sentences, labels, prompts
 
 
-def split(labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(train classes (800,), held-out classes (198,))`` by the issue's fixed permutation."""
-    order = np.random.default_rng(0).permutation(n_classes)
+def split(labels: np.ndarray, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train classes (800,), held-out classes (198,))`` by the issue's fixed permutation
+    (``seed`` 0; other seeds give the other class splits of the goals)."""
+    order = np.random.default_rng(seed).permutation(n_classes)
     return np.sort(order[:N_TRAIN_CLASSES]), np.sort(order[N_TRAIN_CLASSES:])
 
 
@@ -115,9 +123,11 @@ class Protocol(NamedTuple):
     n_train_classes: int
 
 
-def protocol(names: list[str], sentences: np.ndarray, labels: np.ndarray, prompts: np.ndarray) -> Protocol:
+def protocol(
+    names: list[str], sentences: np.ndarray, labels: np.ndarray, prompts: np.ndarray, seed: int = 0
+) -> Protocol:
     """Split :func:`load_cupl`'s output by :func:`split` into the arrays every CuPL benchmark uses."""
-    train_classes, test_classes = split(labels, len(names))
+    train_classes, test_classes = split(labels, len(names), seed)
     test_mask = np.isin(labels, test_classes)
     # Relabel the held-out classes 0..n-1 so that labels index their prompts.
     relabel = np.full(len(names), -1)
@@ -130,6 +140,30 @@ def protocol(names: list[str], sentences: np.ndarray, labels: np.ndarray, prompt
         query_labels=np.arange(len(test_classes)),
         n_train_classes=len(train_classes),
     )
+
+
+def generic_sample(names: list[str], held_out: np.ndarray) -> np.ndarray:
+    """semdb's shipped query vocabulary (:mod:`semdb.vocabulary`) without the texts of the held-out
+    classes, embedded by all-MiniLM-L6-v2 (the text tower of a database of these embeddings).
+
+    The vocabulary holds the prompts of the CuPL classes, and the queries judged are the held-out
+    classes' prompts: every text of a class judged on is left out (its prompt and any CuPL sentence of
+    it), and that is checked here, so that the sample never saw the answers.
+    """
+    from semdb.vocabulary import vocabulary, vocabulary_classes
+
+    excluded = {names[c] for c in held_out}
+    missing = excluded - set(vocabulary_classes())
+    if missing:
+        sys.exit(f"held-out classes not in the vocabulary, so they cannot be excluded: {sorted(missing)[:3]}")
+    texts = vocabulary(exclude=excluded)
+    kept = set(texts)
+    prompts_by_class = cupl_sentences()
+    leaked = [t for name in excluded for t in [f"a photo of a {name}.", *prompts_by_class[name]] if t in kept]
+    if leaked:
+        sys.exit(f"the generic sample holds {len(leaked)} texts of held-out classes, e.g. {leaked[0]!r}")
+    print(f"generic query sample: {len(texts)} texts, none of the {len(excluded)} held-out classes", file=sys.stderr)
+    return embed_texts(texts)
 
 
 def main() -> None:
@@ -148,25 +182,53 @@ def main() -> None:
         action="store_true",
         help="train the codecs query-weighted by the 800 training classes' prompts (never the held-out ones)",
     )
+    parser.add_argument(
+        "--query-sample",
+        choices=("train-prompts", "generic"),
+        default="train-prompts",
+        help="with --query-weighted or --codec default: the training classes' prompts, or semdb's shipped "
+        "vocabulary less every text of the held-out classes",
+    )
+    parser.add_argument("--split-seed", type=int, default=0, help="class split (0: the issue's; 1, 2: others)")
+    parser.add_argument(
+        "--data-weight",
+        type=float,
+        default=0.0,
+        help="query-weighted: mix this share of the training data's own spectrum into the weights",
+    )
     args = parser.parse_args()
     names, sentences, labels, prompts = load_cupl()
     if args.embed_only:
         return
-    train, test, test_labels, queries, query_labels, n_train_classes = protocol(names, sentences, labels, prompts)
+    train, test, test_labels, queries, query_labels, n_train_classes = protocol(
+        names, sentences, labels, prompts, args.split_seed
+    )
     print(
         f"CuPL: {len(train)} train sentences ({n_train_classes} classes), {len(test)} test sentences "
         f"({len(queries)} classes)",
         file=sys.stderr,
     )
-    codecs, bits = parse_codecs(args.codec), parse_bits(args.bits)
+    codecs, bits = args.codec.split(","), parse_bits(args.bits)
+    if "default" not in codecs:
+        parse_codecs(args.codec)
     log = lambda row: print(json.dumps(row), file=sys.stderr, flush=True)  # noqa: E731
-    train_classes, _ = split(labels, len(names))
-    train_queries = prompts[train_classes] if args.query_weighted else None
-    rows = evaluate_codecs(
-        train, test, test_labels, queries, query_labels, codecs, bits, on_row=log, train_queries=train_queries
-    )
-    weighted = ", query-weighted by the training prompts" if args.query_weighted else ""
-    Console().print(render_table(rows, f"CuPL / all-MiniLM-L6-v2: trained on 800 classes, tested on 198{weighted}"))
+    train_classes, test_classes = split(labels, len(names), args.split_seed)
+    sample = None
+    if args.query_weighted or "default" in codecs:
+        sample = generic_sample(names, test_classes) if args.query_sample == "generic" else prompts[train_classes]
+
+    def trained(name: str, rate: int) -> Codec:
+        if name == "default":  # what `semdb ingest` trains: semdb.codecs.choice, the sample as its vocabulary
+            assert sample is not None
+            return train_for_database(train, codec=None, bits=rate, fidelity=None, queries=lambda _: sample).codec
+        extra = {"data_weight": args.data_weight} if args.data_weight else {}
+        weighted = sample if args.query_weighted else None
+        return train_codec(name, train, rate, queries=weighted, **extra)
+
+    rows = evaluate_codecs(train, test, test_labels, queries, query_labels, codecs, bits, on_row=log, trained=trained)
+    weighted = f", query-weighted by the {args.query_sample} sample" if args.query_weighted else ""
+    title = f"CuPL / all-MiniLM-L6-v2 (split {args.split_seed}): trained on 800 classes, tested on 198{weighted}"
+    Console().print(render_table(rows, title))
     if args.transfer:
         from codecs_fashion import load_fashion
 

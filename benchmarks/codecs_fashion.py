@@ -7,6 +7,7 @@ under ``.cache/``::
     python benchmarks/codecs_fashion.py                      # all codecs at 8..128 bits
     python benchmarks/codecs_fashion.py --codec pqvae --bits 16
     python benchmarks/codecs_fashion.py --query-weighted     # codecs weighted by generic text queries
+    python benchmarks/codecs_fashion.py --codec default --bits 32,64   # what `semdb ingest` trains (§11)
 
 ``--query-weighted`` trains the codecs query-weighted (:mod:`semdb.codecs.query_weighted`) by the
 prompts ``"a photo of a {class}."`` of open_clip's 1,000 ImageNet class names, embedded by the bundled
@@ -23,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 
+from semdb.codecs import Codec, train_codec
+from semdb.codecs.choice import train_for_database
 from semdb.eval_command import parse_bits, parse_codecs, render_table
 from semdb.evaluation import evaluate_codecs
 
@@ -72,16 +75,31 @@ def main() -> None:
     args = parser.parse_args()
     data = load_fashion()
     train_queries = generic_queries() if args.query_weighted else None
+    codecs = args.codec.split(",")
+    if "default" not in codecs:
+        parse_codecs(args.codec)
+
+    def trained(name: str, rate: int) -> Codec:
+        if name == "default":  # what `semdb ingest` trains, with semdb's shipped vocabulary as the sample
+            from semdb.encoder import load_encoder
+            from semdb.vocabulary import query_sample
+
+            encoder = load_encoder("tiny-fashion", batch_size=256)
+            return train_for_database(
+                data["train"], codec=None, bits=rate, fidelity=None, queries=lambda n: query_sample(encoder, n)
+            ).codec
+        return train_codec(name, data["train"], rate, queries=train_queries)
+
     rows = evaluate_codecs(
         data["train"],
         data["test"],
         data["test_labels"],
         data["prompts"],
         np.arange(len(data["prompts"])),
-        parse_codecs(args.codec),
+        codecs,
         parse_bits(args.bits),
         on_row=lambda row: print(json.dumps(row), file=sys.stderr),
-        train_queries=train_queries,
+        trained=trained,
     )
     weighted = ", query-weighted by ImageNet class prompts" if args.query_weighted else ""
     Console().print(render_table(rows, f"tiny-fashion on Fashion-MNIST (train 60k → test 10k){weighted}"))

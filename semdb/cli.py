@@ -18,10 +18,10 @@ from rich.console import Console
 from rich.table import Table
 
 from semdb import __version__
-from semdb.codecs import DEFAULT_CODEC, list_codecs
+from semdb.codecs import list_codecs
+from semdb.codecs.choice import DEFAULT_BITS, DEFAULT_FIDELITY
 from semdb.database import (
     DB_ENV_VAR,
-    DEFAULT_BITS,
     DEFAULT_DB_FILENAME,
     Database,
     SearchResult,
@@ -30,6 +30,7 @@ from semdb.database import (
 )
 from semdb.encoder import BUNDLED_MODEL, DEFAULT_MODEL
 from semdb.errors import SemdbError
+from semdb.fidelity import report_lines
 from semdb.images import DEFAULT_MAX_PIXELS
 
 if TYPE_CHECKING:
@@ -75,12 +76,20 @@ def _tell_waiting(message: str) -> None:
     stderr.print(message, highlight=False, markup=False)
 
 
+def _bits(text: str) -> int | str:
+    """``--bits``: a whole number ≥ 1, or ``auto``."""
+    return "auto" if text == "auto" else _positive_int(text)
+
+
 def _cmd_ingest(args: argparse.Namespace) -> int:
+    if args.fidelity is not None and args.bits != "auto":
+        raise SemdbError("--fidelity F chooses the rate: give it with --bits auto")
+    auto = args.bits == "auto"
     db = connect(
         args.db or default_database_path(),
         model=args.model,
         codec=args.codec,
-        bits=args.bits,
+        bits=None if auto else args.bits,
         device=args.device,
         on_wait=_tell_waiting,
     )
@@ -93,6 +102,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             max_pixels=args.max_pixels,
             ray=False if args.ray is None else (args.ray or True),
             actors=args.actors,
+            codec_file=args.codec_file,
+            fidelity=(args.fidelity or DEFAULT_FIDELITY) if auto else None,
         )
         stats = db.stats()
     if args.json:
@@ -109,6 +120,8 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             f"trained {stats.codec} codec at {stats.bits_per_image} bits/image on {report.codec_trained_on} embeddings",
             highlight=False,
         )
+        for line in report_lines(stats.codec_report):
+            stdout.print(line, highlight=False)
     if report.skipped:
         table = Table("skipped file", "reason", title=f"{len(report.skipped)} files skipped", title_justify="left")
         for path, reason in report.skipped:
@@ -141,14 +154,29 @@ def _add_ingest(subparsers: Any) -> None:
         "--codec",
         default=None,
         choices=list_codecs(),
-        help=f"codec for a new database (default: {DEFAULT_CODEC})",
+        help="codec for a new database (default: chosen from the staged embeddings — pqvae-pca query-weighted "
+        "by a generic query sample, pq for tiny or low-dimensional collections; see `semdb stats`)",
     )
     parser.add_argument(
         "--bits",
-        type=_positive_int,
+        type=_bits,
         default=None,
-        metavar="N",
-        help=f"bits per image, a multiple of 8, for a new database (default: {DEFAULT_BITS})",
+        metavar="N|auto",
+        help=f"bits per image, a multiple of 8, for a new database (default: {DEFAULT_BITS}); auto: the smallest "
+        "rate whose fidelity on the staged images reaches --fidelity",
+    )
+    parser.add_argument(
+        "--fidelity",
+        type=float,
+        default=None,
+        metavar="F",
+        help=f"with --bits auto: the share of the text→image top-10 the codes must keep (default {DEFAULT_FIDELITY})",
+    )
+    parser.add_argument(
+        "--codec-file",
+        default=None,
+        metavar="FILE",
+        help="code a new database with this codec file (`semdb codec export`) from its first batch, no training",
     )
     parser.add_argument("--prune", action="store_true", help="forget files under PATH that are gone from disk")
     parser.add_argument("--batch-size", type=_positive_int, default=64, metavar="N", help="images per batch")
@@ -304,9 +332,11 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         return 0
     table = Table("", "", show_header=False, title=stats.path, title_justify="left")
     for key, value in stats.to_dict().items():
-        if key != "path":
+        if key not in ("path", "codec_report"):
             table.add_row(key.replace("_", " "), "—" if value is None else str(value))
     stdout.print(table)
+    for line in report_lines(stats.codec_report):
+        stdout.print(line, highlight=False)
     if args.skipped:
         skipped_table = Table("skipped file", "reason")
         for path, reason in skipped:
@@ -403,6 +433,11 @@ _MODULE_COMMANDS: dict[str, tuple[str, str, str]] = {
         "semdb.server.command",
         "a search page and JSON API on localhost, with the model kept loaded",
         "semdb serve --db photos.semdb --port 8765",
+    ),
+    "codec": (
+        "semdb.codec_command",
+        "write a database's codec to a file, to ship it or code another database with it",
+        "semdb codec export photos.codec --db photos.semdb",
     ),
     "eval": (
         "semdb.eval_command",

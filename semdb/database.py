@@ -15,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from semdb.codecs import DEFAULT_CODEC, Codec, codec_class, load_codec, train_codec
+from semdb.codec_file import parse_report, read_codec_file, write_codec_file
+from semdb.codecs import Codec, codec_class, load_codec
 from semdb.codecs.base import check_bits
+from semdb.codecs.choice import TrainedCodec, train_for_database
 from semdb.encoder import DEFAULT_MODEL, Encoder, load_encoder
 from semdb.errors import (
     DatabaseDamagedError,
@@ -47,8 +49,8 @@ if TYPE_CHECKING:
 
     from semdb.query import Query
     from semdb.text_tower import TextEncoder
+from semdb.vocabulary import query_sample
 
-DEFAULT_BITS = 128
 # No codec here spends more than a byte per embedding dimension; this bound is checked before a
 # model is loaded, the exact one (8 bits per dimension of the model's embeddings) right after.
 MAX_BITS_PER_IMAGE = 16_384
@@ -90,6 +92,8 @@ class Stats:
     codec: str | None
     codec_trained_on: int | None
     database_bytes: int
+    # Why the codec was chosen and what its codes keep (semdb.codecs.choice); None before one exists.
+    codec_report: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -260,12 +264,17 @@ class Database:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         ray: bool | str = False,
         actors: int | None = None,
+        codec_file: str | os.PathLike[str] | None = None,
+        fidelity: float | None = None,
     ) -> IngestReport:
         """Ingest image files and folders (one path or several; folders recursively).
 
         Bad files are skipped and reported. ``train_size``: embeddings staged before the codec is
-        trained (it is also trained when the ingest ends with fewer). Every argument is checked, and
-        every path must exist, before anything is read or created.
+        trained (it is also trained when the ingest ends with fewer). ``codec_file``: a codec
+        written by :meth:`export_codec` (or shipped), used from the first batch instead of training
+        one. ``fidelity``: with no bits given, code at the smallest rate whose text→image fidelity
+        on the staged images reaches it (``--bits auto``). Every argument is checked, and every path
+        must exist, before anything is read or created.
 
         ``ray``: run the work on a Ray cluster — ``True`` for ``$RAY_ADDRESS`` or a new local cluster,
         or the cluster's address — with ``actors`` encoder actors (default: one per GPU, else one);
@@ -273,8 +282,13 @@ class Database:
         """
         if batch_size < 1 or train_size < 1 or max_pixels < 1 or (actors is not None and actors < 1):
             raise InvalidArgumentError("batch size, train size, max pixels and actors must be positive")
+        if fidelity is not None and (self._wanted["bits_per_image"] is not None or not 0 < fidelity <= 1):
+            raise InvalidArgumentError(
+                "--fidelity F (0 < F ≤ 1) chooses the rate: give it with --bits auto, not --bits N"
+            )
         roots = resolve_roots(paths)
         encoder = self.encoder
+        shipped = self._shipped_codec(codec_file, encoder) if codec_file is not None else None
         bits = self._wanted["bits_per_image"]
         if bits is not None and int(bits) > 8 * encoder.dim:
             raise InvalidArgumentError(
@@ -291,7 +305,7 @@ class Database:
                     f"model {encoder.spec} gives {encoder.dim}-d embeddings; database {self.location} holds "
                     f"{stored_dim}-d ones"
                 )
-            stored_bits = repository.int_setting("bits_per_image", DEFAULT_BITS)
+            stored_bits = repository.int_setting("bits_per_image")
             if "model" not in settings:
                 to_record["model"] = encoder.spec
             if "dim" not in settings:
@@ -301,10 +315,11 @@ class Database:
             settings.update(to_record)
         report = IngestReport()
         choice = CodecChoice(
-            settings.get("codec", DEFAULT_CODEC),
-            int(to_record.get("bits_per_image") or stored_bits or DEFAULT_BITS),
+            settings.get("codec"),
+            int(to_record.get("bits_per_image") or stored_bits or 0) or None,
+            shipped,
         )
-        writer = self.batch_writer(choice, train_size=train_size, report=report)
+        writer = self.batch_writer(choice, train_size=train_size, report=report, fidelity=fidelity)
         if ray is not False:
             return self._ingest_on_ray(roots, writer, ray, actors, prune, progress, batch_size, train_size, max_pixels)
         ingestor = Ingestor(store, encoder, writer, batch_size=batch_size, max_pixels=max_pixels)
@@ -318,16 +333,29 @@ class Database:
         return report
 
     def batch_writer(
-        self, choice: CodecChoice, *, train_size: int, report: IngestReport, dim: int | None = None
+        self,
+        choice: CodecChoice,
+        *,
+        train_size: int,
+        report: IngestReport,
+        dim: int | None = None,
+        fidelity: float | None = None,
     ) -> BatchWriter:
         """The writer of ingest batches into this database (the store opened for writing); ``dim``:
-        the embeddings' dimension (default: the encoder's, which loads the model)."""
+        the embeddings' dimension (default: the encoder's, which loads the model); ``fidelity``: see
+        :meth:`ingest`. The codec it trains is weighted by the query sample of this database's model."""
         return BatchWriter(
             self._writable_store(),
             choice,
             train_size=train_size,
             dim=self.encoder.dim if dim is None else dim,
-            train_codec=lambda name, embeddings, bits: train_codec(name, embeddings, bits),
+            train_codec=lambda name, embeddings, bits: train_for_database(
+                embeddings,
+                codec=name,
+                bits=bits,
+                fidelity=fidelity,
+                queries=lambda limit: query_sample(self.encoder, limit),
+            ),
             load_codec=self._load_codec,
             report=report,
         )
@@ -389,16 +417,13 @@ class Database:
             if stored_dim is not None and stored_dim != dim:
                 raise ModelMismatchError(f"vectors are {dim}-d; database {self.location} holds {stored_dim}-d ones")
             settings = repository.settings()
-            stored_bits = repository.int_setting("bits_per_image", DEFAULT_BITS)
             to_record.setdefault("model", settings.get("model") or self.model_spec)
             to_record.setdefault("dim", str(dim))
             repository.set_settings({key: value for key, value in to_record.items() if settings.get(key) != value})
             settings.update(to_record)
         report = IngestReport()
         writer = self.batch_writer(
-            CodecChoice(
-                settings.get("codec", DEFAULT_CODEC), int(settings.get("bits_per_image") or stored_bits or DEFAULT_BITS)
-            ),
+            CodecChoice(settings.get("codec"), int(settings.get("bits_per_image") or 0) or None),
             train_size=train_size,
             report=report,
             dim=dim,
@@ -597,12 +622,14 @@ class Database:
         counts = Counts(0, 0, 0, 0)
         active = None
         stored_bits = None
+        report = None
         if self._store is not None:
             with self._store.reading() as repository:
                 settings = repository.settings()
                 counts = repository.counts()
                 active = repository.active_codec()
                 stored_bits = repository.int_setting("bits_per_image")
+                report = repository.codec_report(active.id) if active else None
         bits = active.bits_per_image if active else stored_bits
         database_bytes = self._store.size_bytes() if self._store is not None else 0
         return Stats(
@@ -617,7 +644,44 @@ class Database:
             codec=active.name if active else settings.get("codec"),
             codec_trained_on=active.trained_on if active else None,
             database_bytes=database_bytes,
+            codec_report=parse_report(report),
         )
+
+    # --- codec files (issue 11) -----------------------------------------------------------------
+
+    def export_codec(self, path: str | os.PathLike[str]) -> None:
+        """Write the database's codec, its model spec and report to ``path`` (:mod:`semdb.codec_file`)."""
+        if self._store is None:
+            raise NotReadyError(f"database {self.location} is empty; run `semdb ingest PATH --db {self.location}`")
+        with self._store.reading() as repository:
+            active = repository.active_codec()
+            report = repository.codec_report(active.id) if active else None
+            model = repository.setting("model")
+        if active is None or model is None:
+            raise NotReadyError(f"database {self.location} has no codec yet; ingest more images first")
+        write_codec_file(path, self._load_codec(active), model=model, report=parse_report(report) or {})
+
+    def _shipped_codec(self, path: str | os.PathLike[str], encoder: Encoder) -> TrainedCodec:
+        """The codec in file ``path``, refused unless it was made for ``encoder``'s model and matches
+        the codec and bits this database is bound to or asked for."""
+        shipped = read_codec_file(path, model=encoder.spec, dim=encoder.dim)
+        codec = shipped.codec
+        if self._store is not None:
+            with self._store.reading() as repository:
+                active = repository.active_codec()
+            if active is not None and active.state != codec.to_bytes():
+                raise ModelMismatchError(
+                    f"database {self.location} already has its codec; --codec-file is for a new database: "
+                    "use another --db"
+                )
+        for key, value in (("codec", shipped.report.get("codec")), ("bits_per_image", str(codec.bits_per_image))):
+            wanted = self._wanted[key] or self.setting(key)
+            if wanted is not None and wanted != value:
+                raise ModelMismatchError(
+                    f"codec file {os.fspath(path)} holds {value} for {key.replace('_', ' ')}, not {wanted}: "
+                    "drop --codec/--bits or use another --db"
+                )
+        return shipped
 
     def skipped(self) -> list[tuple[str, str]]:
         """Every file recorded as skipped, with its reason."""

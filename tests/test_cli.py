@@ -106,7 +106,8 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path, tiny_model_spec: str)
     assert run_semdb("ingest", str(images), "--db", db, "--model", tiny_model_spec, "--quiet").returncode == 0
     assert_one_line_error(run_semdb("search", "x", "--db", db, "--model", "RN50:openai"), "built with model")
     assert_one_line_error(run_semdb("search", "--image", str(tmp_path / "missing.png"), "--db", db), "cannot read")
-    assert_one_line_error(run_semdb("ingest", str(images), "--db", db, "--bits", "64"), "bits per image")
+    # The database codes at the default 64 bits: another rate is refused.
+    assert_one_line_error(run_semdb("ingest", str(images), "--db", db, "--bits", "128"), "bits per image")
     assert_one_line_error(
         run_semdb("ingest", str(images), "--db", str(tmp_path / "x.semdb"), "--model", "nonsense:foo"),
         "unknown open_clip architecture",

@@ -1,6 +1,7 @@
 """End to end through the real CLI with the bundled model, offline: ``semdb demo`` and ``semdb search``.
 
-Searches run over 128-bit PQ codes, so these check what users get, compression included.
+Searches run over the codes of semdb's default codec (64-bit PQ for the bundled model's
+low-dimensional embeddings and a collection this small), so these check what users get, compression included.
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ def test_demo_writes_ingests_and_answers(first_run: dict, demo_dir: Path) -> Non
     assert len(pngs) == COUNT == first_run["images_written"]
     assert {label_from_path(path) for path in pngs} == set(range(10))
     assert first_run["ingest"]["added"] == COUNT and not first_run["ingest"]["skipped"]
-    assert first_run["database"]["bits_per_image"] == 128
+    database = first_run["database"]
+    assert database["bits_per_image"] == 64 and database["codec"] == "pq"
+    report = database["codec_report"]
+    assert report["chosen_by"] == "default" and f"only {COUNT * 4 // 5} images" in report["why"]
+    assert report["fidelity"]["held_out"] == COUNT // 5 and 0 < report["fidelity"]["image_to_image"] <= 1
     queries = first_run["queries"]
     assert all(len(query["hits"]) == 10 for query in queries)
     for query in queries:
@@ -82,7 +87,7 @@ def test_demo_table_output(first_run: dict, demo_dir: Path) -> None:
     result = run_semdb("demo", "--count", str(COUNT), cwd=demo_dir)
     assert result.returncode == 0, result.stderr
     assert f"mean precision@10: {first_run['mean_precision_at_10']:.2f}" in result.stdout
-    assert "128-bit codes" in result.stdout and "Ankle boot" in result.stdout
+    assert "64-bit codes" in result.stdout and "Ankle boot" in result.stdout
 
 
 @pytest.mark.parametrize(("query", "label"), HELD_OUT)

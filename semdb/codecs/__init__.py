@@ -26,8 +26,6 @@ _CODECS: dict[str, str] = {
     "pqvae-pca": "semdb.codecs.pqvae:PrincipalPQVAECodec",
 }
 
-DEFAULT_CODEC = "pq"
-
 
 def list_codecs() -> list[str]:
     """Names of the registered codecs, sorted."""
@@ -117,6 +115,12 @@ def load_codec(name: str, state: bytes, bits_per_image: int | None = None) -> Co
     return codec
 
 
+def registry_name(codec: Codec) -> str:
+    """The name ``codec`` is stored and restored under: a query-weighted codec's is its base codec's
+    (:func:`load_codec` recognises the weighted state)."""
+    return str(getattr(codec, "base_name", codec.name))
+
+
 def _check_restored(name: str, codec: Codec) -> None:
     """Fail unless ``codec`` codes a ``(1, dim)`` vector into ``(1, code_size)`` uint8 and back."""
     if not 1 <= codec.dim <= MAX_DIM or codec.code_size * 8 != codec.bits_per_image:
@@ -132,12 +136,12 @@ def _check_restored(name: str, codec: Codec) -> None:
 
 
 __all__ = [
-    "DEFAULT_CODEC",
     "Codec",
     "CodecStateError",
     "codec_class",
     "list_codecs",
     "load_codec",
     "register_codec",
+    "registry_name",
     "train_codec",
 ]

@@ -55,9 +55,13 @@ MAX_WEIGHTED_DIM = 4096
 _MEMBERS = {"weights": (np.dtype("<f4"), 2), "base_name": (None, 0), "base_state": (np.dtype("u1"), 1)}
 
 
-def query_weights(queries: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
-    """``W = (Σ / tr Σ + ridge · I / d)^½`` ``(d, d)`` float32 for ``queries`` ``(c, d)``, ``c ≥ 2``;
-    ``Σ``: the covariance of the queries about their mean."""
+def query_weights(
+    queries: np.ndarray, ridge: float = DEFAULT_RIDGE, data: np.ndarray | None = None, data_weight: float = 0.0
+) -> np.ndarray:
+    """``W = (Σ / tr Σ + data_weight · Σₓ / tr Σₓ + ridge · I / d)^½`` ``(d, d)`` float32 for
+    ``queries`` ``(c, d)``, ``c ≥ 2``; ``Σ``: the covariance of the queries about their mean, ``Σₓ``
+    that of ``data`` ``(n, d)`` (the embeddings coded), which ``data_weight > 0`` mixes in so that
+    the directions in which the items themselves differ keep some bits (item→item search)."""
     q = as_embeddings(queries).astype(np.float64)
     if len(q) < 2:
         raise InvalidArgumentError(f"query weighting needs at least 2 sample queries, got {len(q)}")
@@ -69,7 +73,14 @@ def query_weights(queries: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarr
     if trace <= 0:
         raise InvalidArgumentError("the sample queries are all the same vector: give queries that differ")
     d = q.shape[1]
-    values, vectors = np.linalg.eigh(covariance / trace + ridge * np.eye(d) / d)
+    mixed = covariance / trace + ridge * np.eye(d) / d
+    if data_weight:
+        if data is None or not data_weight > 0:
+            raise InvalidArgumentError("mixing in the data's spectrum needs the data and a positive weight")
+        x = as_embeddings(data, d).astype(np.float64)
+        spread = (x - x.mean(axis=0)).T @ (x - x.mean(axis=0))
+        mixed += data_weight * spread / max(float(np.trace(spread)), 1e-12)
+    values, vectors = np.linalg.eigh(mixed)
     weights: np.ndarray = ((vectors * np.sqrt(values)) @ vectors.T).astype(np.float32)
     return weights
 
@@ -149,6 +160,7 @@ class QueryWeightedCodec(Codec):
         base_name: str = "pq",
         queries: np.ndarray | None = None,
         ridge: float = DEFAULT_RIDGE,
+        data_weight: float = 0.0,
         **hyper_parameters: Any,
     ) -> Self:
         """Train codec ``base_name`` on ``embeddings`` ``(n, d)`` weighted by sample ``queries`` ``(c, d)``."""
@@ -157,7 +169,7 @@ class QueryWeightedCodec(Codec):
         x = as_embeddings(embeddings)
         if queries is None:
             raise InvalidArgumentError("query weighting needs sample queries")
-        weights = query_weights(as_embeddings(queries, x.shape[1]), ridge)
+        weights = query_weights(as_embeddings(queries, x.shape[1]), ridge, data=x, data_weight=data_weight)
         base_class = codec_class(base_name)
         settings = {**base_class.query_weighted_defaults, **hyper_parameters}
         base = base_class.train(x @ weights, bits_per_image, seed=seed, **settings)

@@ -5,17 +5,25 @@ already have records, whether a codec exists — is decided again inside the wri
 it still holds at commit however many writers run: duplicate content from two writers is
 deduplicated, a path is never inserted twice, and the codec is trained by exactly one of them.
 A writer that finds a codec trained by another adopts it and codes its own embeddings with it.
+
+Which codec is trained, and at which rate, is decided from the staged embeddings by
+:func:`semdb.codecs.choice.train_for_database` (the writer passes the user's choice, or None for
+the default); its report — why, and the fidelity measured on a held-out sample — is stored with the
+codec. A codec read from a file (:mod:`semdb.codec_file`) is installed by the first batch instead,
+so that nothing is staged.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from semdb.codecs import Codec
+from semdb.codecs import Codec, registry_name
+from semdb.codecs.choice import TrainedCodec
 from semdb.index.lists import assign_lists, lists_from_bytes, lists_to_bytes, train_lists
 from semdb.ingest.report import IngestReport
 from semdb.paths import display_path
@@ -37,14 +45,20 @@ class Prepared:
 
 @dataclass(frozen=True)
 class CodecChoice:
-    """The codec a database is to be trained with, when nobody has trained one yet."""
+    """The codec a database is to be trained with, when nobody has trained one yet.
 
-    name: str
-    bits_per_image: int
+    ``name``/``bits_per_image``: None lets :mod:`semdb.codecs.choice` decide. ``shipped``: a codec
+    read from a file, with its report, installed as it is instead of training one.
+    """
+
+    name: str | None
+    bits_per_image: int | None
+    shipped: TrainedCodec | None = None
 
 
-# (codec name, embeddings (n, d) float32, bits per image) → a trained codec.
-TrainCodec = Callable[[str, np.ndarray, int], Codec]
+# (codec name or None, staged embeddings (n, d) float32, bits per image or None) → the trained codec
+# and its report.
+TrainCodec = Callable[[str | None, np.ndarray, int | None], TrainedCodec]
 LoadCodec = Callable[[CodecRow], Codec]
 
 
@@ -91,24 +105,43 @@ class BatchWriter:
         content_ids, embeddings = repository.staged(self.dim)
         # The database's settings, not this writer's: another writer may have bound them first.
         name = repository.setting("codec") or self.choice.name
-        bits = repository.int_setting("bits_per_image", self.choice.bits_per_image)
-        assert bits is not None  # a default was given
-        codec = self.train_codec(name, embeddings, bits)
+        bits = repository.int_setting("bits_per_image") or self.choice.bits_per_image
+        trained = self.train_codec(name, embeddings, bits)
+        codec = trained.codec
         lists = train_lists(embeddings)  # inverted lists for large collections (semdb.index.lists)
         codec_id = repository.add_active_codec(
-            codec.name,
+            registry_name(codec),
             codec.bits_per_image,
             codec.dim,
             codec.to_bytes(),
             trained_on=len(content_ids),
             lists=lists_to_bytes(lists),
         )
+        repository.set_codec_report(codec_id, json.dumps(trained.report))
         self.lists = lists
         repository.add_codes(content_ids.tolist(), codec_id, codec.encode(embeddings), assign_lists(lists, embeddings))
         repository.clear_staged()
         repository.record_change()
         self.codec, self.codec_id = codec, codec_id
         self.report.codec_trained_on = len(content_ids)
+
+    def _install_shipped(self, repository: Repository) -> None:
+        """Make the codec read from a file the database's codec (after :meth:`_adopt` found none),
+        coding whatever an earlier ingest left staged."""
+        shipped = self.choice.shipped
+        if shipped is None or self.codec is not None:
+            return
+        codec = shipped.codec
+        codec_id = repository.add_active_codec(
+            registry_name(codec), codec.bits_per_image, codec.dim, codec.to_bytes(), trained_on=0
+        )
+        repository.set_codec_report(codec_id, json.dumps(shipped.report))
+        content_ids, embeddings = repository.staged(self.dim)
+        if len(content_ids):
+            repository.add_codes(content_ids.tolist(), codec_id, codec.encode(embeddings))
+            repository.clear_staged()
+        repository.record_change()
+        self.codec, self.codec_id = codec, codec_id
 
     def finish_training(self) -> None:
         """Train the codec on whatever is staged, unless one exists (trained here or by another writer)."""
@@ -124,6 +157,7 @@ class BatchWriter:
         ``(d,)`` float32 embedding; the rest of the batch is already stored or is skipped."""
         with self.store.writing() as repository:
             self._adopt(repository)
+            self._install_shipped(repository)
             good = [item for item in batch if item.error is None and item.sha256 is not None]
             content_ids = repository.content_ids(item.sha256 for item in good if item.sha256)
             new: dict[str, Prepared] = {}

@@ -221,6 +221,17 @@ class Repository:
         """How many codecs were ever stored."""
         return int(self.connection.scalar(select(func.count()).select_from(CodecRecord)) or 0)
 
+    # --- codec reports (issue 11): why a codec was chosen, and its fidelity, as JSON ---------------
+
+    def set_codec_report(self, codec_id: int, report: str) -> None:
+        """Store the JSON ``report`` of codec ``codec_id`` (``codecs.report``)."""
+        self.connection.execute(update(CodecRecord).where(CodecRecord.id == codec_id).values(report=report))
+
+    def codec_report(self, codec_id: int) -> str | None:
+        """The JSON report of codec ``codec_id``; None for codecs stored without one."""
+        report: str | None = self.connection.scalar(select(CodecRecord.report).where(CodecRecord.id == codec_id))
+        return report
+
     # --- contents, codes and staged embeddings ----------------------------------------------------
 
     def content_ids(self, hashes: Iterable[str]) -> dict[str, int]:

@@ -1,0 +1,211 @@
+"""Which codec a database trains, at which rate, and why — decided from the staged embeddings.
+
+The default (``docs/codecs.md`` §11): ``pqvae-pca`` query-weighted by the generic query sample
+(:mod:`semdb.vocabulary`) at :data:`DEFAULT_BITS` bits, the best rate–accuracy of the codecs
+measured on broad embeddings. It falls back to ``pq`` where it does not fit:
+
+* a tiny collection (fewer than :data:`MIN_LEARNED` staged embeddings): too few to fit principal
+  axes and a fine-tuned codebook, and ``pq`` handles any number;
+* embeddings of low intrinsic dimension — judged from their spectrum, not from the model's name:
+  when :data:`LOW_DIMENSION_SHARE` of their variance lies in fewer than :data:`LOW_DIMENSION_AXES`
+  principal axes, the shared codebook of ``pqvae-pca`` is decided by many near-empty sub-vectors
+  (the bundled model's embeddings: 99% of the variance in 9 axes; ``pq`` keeps 100% of float mAP
+  there at 64 bits, ``pqvae-pca`` 76%).
+
+``--codec`` / ``--bits`` choose explicitly (an explicit codec trains as before, not
+query-weighted); ``--bits auto --fidelity F`` trains the chosen codec at rising rates on the staged
+embeddings and keeps the smallest whose text→image fidelity (:mod:`semdb.fidelity`) reaches ``F``.
+Everything decided goes into the report stored with the codec (``codecs.report``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from semdb.codecs import Codec, train_codec
+from semdb.codecs.base import as_embeddings, check_bits
+from semdb.errors import InvalidArgumentError
+from semdb.fidelity import HOLDOUT_SHARE, MIN_HOLDOUT, Fidelity, holdout_rows, measure
+
+DEFAULT_BITS = 64
+LEARNED_CODEC = "pqvae-pca"  # query-weighted
+FALLBACK_CODEC = "pq"
+MIN_LEARNED = 1000
+LOW_DIMENSION_SHARE = 0.99
+LOW_DIMENSION_AXES = 32
+# Rates tried by ``--bits auto``, smallest first (bisected: ~3 trainings).
+AUTO_RATES = (32, 48, 64, 96, 128, 192, 256)
+DEFAULT_FIDELITY = 0.95
+
+# Text queries embedded to measure fidelity when the codec is not query-weighted: a sample of the
+# vocabulary is enough for a mean over queries, and embedding all of it is the slow part of training.
+FIDELITY_QUERIES = 1000
+
+# (at most this many texts, None: all) → the generic query sample (c, d) embedded by the database's
+# text tower (semdb.vocabulary.query_sample); called at most once per training.
+QuerySample = Callable[[int | None], np.ndarray]
+
+
+@dataclass
+class TrainedCodec:
+    """A trained codec and its report: why it was chosen, and its fidelity (JSON-ready)."""
+
+    codec: Codec
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+def axes_holding(embeddings: np.ndarray, share: float = LOW_DIMENSION_SHARE) -> int:
+    """How many principal axes of ``embeddings`` ``(n, d)`` hold ``share`` of their variance about the mean."""
+    x = as_embeddings(embeddings).astype(np.float64)
+    centred = x - x.mean(axis=0)
+    values = np.clip(np.linalg.eigvalsh(centred.T @ centred)[::-1], 0, None)
+    total = float(values.sum())
+    if total <= 0:
+        return 0
+    return int(np.searchsorted(np.cumsum(values) / total, share) + 1)
+
+
+def default_codec(embeddings: np.ndarray, bits: int) -> tuple[str, bool, str]:
+    """``(codec name, query-weighted?, why)`` for ``embeddings`` ``(n, d)`` at ``bits`` bits."""
+    n, d = embeddings.shape
+    if n < MIN_LEARNED:
+        return FALLBACK_CODEC, False, f"only {n} images to train on (pqvae-pca needs {MIN_LEARNED}): pq"
+    axes = axes_holding(embeddings)
+    if axes < LOW_DIMENSION_AXES:
+        return (
+            FALLBACK_CODEC,
+            False,
+            f"{LOW_DIMENSION_SHARE:.0%} of the embeddings' variance lies in {axes} of {d} axes (low intrinsic "
+            f"dimension, under {LOW_DIMENSION_AXES}): pq, which keeps few dimensions finely",
+        )
+    return (
+        LEARNED_CODEC,
+        True,
+        f"{LOW_DIMENSION_SHARE:.0%} of the variance in {axes} of {d} axes: pqvae-pca query-weighted by the "
+        f"generic query sample, the best measured rate-accuracy on broad embeddings",
+    )
+
+
+def train_for_database(
+    embeddings: np.ndarray,
+    *,
+    codec: str | None,
+    bits: int | None,
+    fidelity: float | None,
+    queries: QuerySample,
+    seed: int = 0,
+    **hyper_parameters: Any,
+) -> TrainedCodec:
+    """Train the codec of a database on its staged ``embeddings`` ``(n, d)`` float32.
+
+    ``codec``/``bits``: the user's choice, or None for the default (module docstring); ``fidelity``:
+    with ``bits`` None, the text→image fidelity the rate must reach (``--bits auto``). A held-out
+    sample (:func:`~semdb.fidelity.holdout_rows`) is left out of training and measured; the codec
+    is trained on the rest. ``hyper_parameters``: passed on to the codec (e.g. ``steps=20``).
+    """
+    start = time.process_time(), time.perf_counter()
+    x = as_embeddings(embeddings)
+    if fidelity is not None and not 0 < fidelity <= 1:
+        raise InvalidArgumentError(f"--fidelity must be in (0, 1], got {fidelity}")
+    if fidelity is not None and bits is not None:
+        raise InvalidArgumentError("--fidelity chooses the rate: give it with --bits auto, not --bits N")
+    held_out = holdout_rows(len(x), seed)
+    train = np.delete(x, held_out, axis=0) if len(held_out) else x
+    sample: list[np.ndarray] = []
+    rate = bits if bits is not None else DEFAULT_BITS
+    if codec is None:
+        name, weighted, why = default_codec(train, rate)
+        chosen_by = "default"
+    else:
+        name, weighted, why = codec, False, "chosen with --codec (trained as given, not query-weighted)"
+        chosen_by = "--codec"
+
+    def query_sample() -> np.ndarray:
+        if not sample:
+            sample.append(as_embeddings(queries(None if weighted else FIDELITY_QUERIES), x.shape[1]))
+        return sample[0]
+
+    def fit(rate: int) -> Codec:
+        weights = query_sample() if weighted else None
+        return train_codec(name, train, check_bits(rate), seed=seed, queries=weights, **hyper_parameters)
+
+    def fidelity_of(trained: Codec) -> Fidelity | None:
+        return measure(trained, x, held_out, query_sample()) if len(held_out) else None
+
+    tried: list[dict[str, Any]] = []
+    if fidelity is None:
+        trained = fit(rate)
+        measured = fidelity_of(trained)
+    else:
+        if not len(held_out):
+            raise InvalidArgumentError(
+                f"--bits auto needs at least {MIN_HOLDOUT * HOLDOUT_SHARE} images staged to measure fidelity on; "
+                "give --bits N"
+            )
+        trained, measured = _smallest_rate(fit, fidelity_of, fidelity, x.shape[1], tried)
+        met = measured is not None and _score(measured) >= fidelity
+        why += (
+            f"; rate: the smallest of {', '.join(map(str, AUTO_RATES))} whose text→image fidelity ≥ {fidelity}"
+            if met
+            else f"; rate: the largest tried, since none reached the fidelity target {fidelity}"
+        )
+    report: dict[str, Any] = {
+        "codec": name,
+        "bits_per_image": trained.bits_per_image,
+        "query_weighted": weighted,
+        "chosen_by": chosen_by if fidelity is None else f"{chosen_by}, --bits auto --fidelity {fidelity}",
+        "why": why,
+        "trained_on": len(train),
+        "query_sample": len(sample[0]) if sample else 0,
+        "fidelity": measured.to_dict() if measured else None,
+        "train_cpu_seconds": round(time.process_time() - start[0], 2),
+        "train_wall_seconds": round(time.perf_counter() - start[1], 2),
+    }
+    if tried:
+        report["rates_tried"] = tried
+    return TrainedCodec(trained, report)
+
+
+def _smallest_rate(
+    fit: Callable[[int], Codec],
+    fidelity_of: Callable[[Codec], Fidelity | None],
+    target: float,
+    dim: int,
+    tried: list[dict[str, Any]],
+) -> tuple[Codec, Fidelity | None]:
+    """Bisect :data:`AUTO_RATES` (those a ``dim``-d embedding allows) for the smallest rate whose
+    text→image fidelity (image→image without queries) reaches ``target``; the largest if none does.
+    Assumes fidelity grows with the rate, as measured (``docs/codecs.md`` §11)."""
+    rates = [rate for rate in AUTO_RATES if rate <= 4 * dim] or [AUTO_RATES[0]]  # pqvae-pca: 4 bits per axis at most
+    results: dict[int, tuple[Codec, Fidelity | None]] = {}
+
+    def score(index: int) -> float:
+        rate = rates[index]
+        if rate not in results:
+            trained = fit(rate)
+            results[rate] = trained, fidelity_of(trained)
+            measured = results[rate][1]
+            tried.append({"bits_per_image": rate, **(measured.to_dict() if measured else {})})
+        measured = results[rate][1]
+        return 0.0 if measured is None else _score(measured)
+
+    low, high = 0, len(rates) - 1
+    if score(high) < target:
+        return results[rates[high]]
+    while low < high:
+        middle = (low + high) // 2
+        if score(middle) >= target:
+            high = middle
+        else:
+            low = middle + 1
+    return results[rates[low]]
+
+
+def _score(measured: Fidelity) -> float:
+    """The figure ``--fidelity`` targets: text→image agreement, image→image without sample queries."""
+    return measured.text_to_image if measured.text_to_image is not None else measured.image_to_image

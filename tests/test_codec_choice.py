@@ -1,0 +1,180 @@
+"""The default codec, its report and fidelity, --bits auto, and codec files (issue 11).
+
+The query-weighted pqvae-pca is fine-tuned for 20 steps here instead of its 500 (time); what is
+tested — the choice, the report, fidelity against an offline evaluation, the rate search, the files —
+does not depend on how well it is tuned.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from semdb.codec_file import read_codec_file, write_codec_file
+from semdb.codecs import CodecStateError
+from semdb.codecs.choice import DEFAULT_BITS, axes_holding, default_codec, train_for_database
+from semdb.errors import InvalidArgumentError, ModelMismatchError
+from semdb.evaluation import recall_at_k
+from semdb.fidelity import holdout_rows, measure, report_lines
+from semdb.vocabulary import vocabulary, vocabulary_classes
+
+
+def broad(n: int = 1500, d: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(items (n, d), queries (200, d))``: unit vectors spread over all ``d`` axes, 40 clusters."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, d))
+    x = centres[rng.integers(0, 40, n)] + 0.8 * rng.standard_normal((n, d))
+    q = centres[rng.integers(0, 40, 200)] + 0.5 * rng.standard_normal((200, d))
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return unit(x), unit(q)
+
+
+def test_vocabulary_is_grouped_by_class_and_excludes_what_it_is_told() -> None:
+    texts = vocabulary()
+    assert len(texts) == len(vocabulary_classes()) == 998
+    assert "a photo of a goldfish." in texts
+    without = vocabulary(exclude={"goldfish"})
+    assert len(without) == len(texts) - 1 and not [t for t in without if "goldfish" in t.lower()]
+    with pytest.raises(InvalidArgumentError):
+        vocabulary(exclude={"not a class"})
+
+
+def test_default_codec_falls_back_where_pqvae_pca_does_not_fit() -> None:
+    x, _ = broad()
+    assert default_codec(x, 64)[:2] == ("pqvae-pca", True)
+    assert default_codec(x[:200], 64)[0] == "pq"  # tiny collection
+    rng = np.random.default_rng(1)
+    low = (rng.standard_normal((1500, 6)) @ rng.standard_normal((6, 64))).astype(np.float32)
+    assert axes_holding(low) <= 6
+    name, weighted, why = default_codec(low / np.linalg.norm(low, axis=1, keepdims=True), 64)
+    assert (name, weighted) == ("pq", False) and "intrinsic dimension" in why
+
+
+def test_fidelity_matches_an_offline_evaluation() -> None:
+    x, q = broad()
+    trained = train_for_database(x, codec=None, bits=None, fidelity=None, queries=lambda _: q, steps=20)
+    report = trained.report
+    assert report["codec"] == "pqvae-pca" and report["bits_per_image"] == DEFAULT_BITS and report["query_weighted"]
+    fidelity = report["fidelity"]
+    assert fidelity["held_out"] == 300 and fidelity["searched"] == len(x) and fidelity["queries"] == len(q)
+    # Offline, by brute force in numpy: rank every item by cosine to its reconstruction.
+    decoded = trained.codec.decode(trained.codec.encode(x))
+    decoded /= np.linalg.norm(decoded, axis=1, keepdims=True)
+    rows = holdout_rows(len(x))
+    for probes, key in ((q, "text_to_image"), (x[rows], "image_to_image")):
+        truth = np.argsort(-(probes @ x.T), axis=1)[:, :10]
+        found = np.argsort(-(probes @ decoded.T), axis=1)[:, :10]
+        assert abs(recall_at_k(truth, found) - fidelity[key]) < 0.02
+    assert abs(float((decoded[rows] * x[rows]).sum(1).mean()) - fidelity["mean_cosine"]) < 0.01
+    assert 0.2 < fidelity["text_to_image"] <= 1 and json.dumps(report)  # JSON-ready
+    assert "measured on 1,500 of your images" in report_lines(report)[1]
+
+
+def test_bits_auto_picks_the_smallest_rate_meeting_the_target() -> None:
+    x, q = broad()
+    target = 0.6
+    trained = train_for_database(x, codec=None, bits=None, fidelity=target, queries=lambda _: q, steps=20)
+    tried = {row["bits_per_image"]: row["text_to_image"] for row in trained.report["rates_tried"]}
+    chosen = trained.codec.bits_per_image
+    assert tried[chosen] >= target
+    assert all(score < target for rate, score in tried.items() if rate < chosen)
+    assert len(tried) <= 4  # bisected, not swept
+    unreachable = train_for_database(x, codec=None, bits=None, fidelity=1.0, queries=lambda _: q, steps=20)
+    assert unreachable.codec.bits_per_image == 256 and "none reached" in unreachable.report["why"]
+    with pytest.raises(InvalidArgumentError):
+        train_for_database(x, codec=None, bits=64, fidelity=0.9, queries=lambda _: q)
+
+
+def test_measure_needs_held_out_rows() -> None:
+    x, q = broad(n=100)
+    codec = train_for_database(x, codec="pq", bits=32, fidelity=None, queries=lambda _: q).codec
+    with pytest.raises(ValueError):
+        measure(codec, x, np.empty(0, np.int64), q)
+
+
+def test_codec_file_round_trip_and_refusals(tmp_path: Path) -> None:
+    x, q = broad()
+    trained = train_for_database(x, codec=None, bits=32, fidelity=None, queries=lambda _: q, steps=20)
+    path = tmp_path / "c.codec"
+    write_codec_file(path, trained.codec, model="fake-encoder", report=trained.report)
+    assert not path.read_bytes().startswith(b"\x80")  # safetensors, not a pickle
+    shipped = read_codec_file(path, model="fake-encoder", dim=64)
+    assert np.array_equal(shipped.codec.encode(x[:50]), trained.codec.encode(x[:50]))
+    assert shipped.report["fidelity"] is None and shipped.report["calibration_fidelity"] == trained.report["fidelity"]
+    with pytest.raises(ModelMismatchError, match="made for model 'fake-encoder'"):
+        read_codec_file(path, model="ViT-B-32:openai", dim=64)
+    junk = tmp_path / "junk.codec"
+    junk.write_bytes(b"\x00" * 100)
+    with pytest.raises(CodecStateError):
+        read_codec_file(junk, model="fake-encoder", dim=64)
+    with pytest.raises(InvalidArgumentError):
+        read_codec_file(tmp_path / "missing.codec", model="fake-encoder", dim=64)
+
+
+def test_ingest_records_the_choice_and_a_codec_file_codes_a_new_database(tmp_path: Path, fake_encoder) -> None:
+    from conftest import FakeEncoder, write_colour_images
+
+    import semdb
+
+    folder = tmp_path / "images"
+    write_colour_images(folder, per_colour=24)  # 120 images: enough to hold out 24 and measure
+    with semdb.connect(tmp_path / "a.semdb", encoder=fake_encoder) as db:
+        db.ingest(folder)
+        stats = db.stats()
+        assert (stats.codec, stats.bits_per_image) == ("pq", DEFAULT_BITS)  # 96 images: too few for pqvae-pca
+        report = stats.codec_report
+        assert report is not None and report["chosen_by"] == "default" and "only 96 images" in report["why"]
+        assert report["fidelity"]["held_out"] == 24 and report["fidelity"]["searched"] == 120
+        db.export_codec(tmp_path / "a.codec")
+    with semdb.connect(tmp_path / "b.semdb", encoder=fake_encoder) as db:
+        ingest = db.ingest(folder, codec_file=tmp_path / "a.codec", batch_size=8)
+        stats = db.stats()
+        assert ingest.codec_trained_on is None and stats.staged == 0  # coded from the first batch
+        assert stats.codec_report is not None and stats.codec_report["chosen_by"] == "--codec-file a.codec"
+        assert stats.codec_report["calibration_fidelity"] == report["fidelity"]
+        assert db.search("red", k=3)
+    other = FakeEncoder()
+    other.spec = "another-model"
+    with semdb.connect(tmp_path / "c.semdb", encoder=other) as db, pytest.raises(ModelMismatchError):
+        db.ingest(folder, codec_file=tmp_path / "a.codec")
+    assert not (tmp_path / "c.semdb").exists()
+
+
+@pytest.mark.slow
+def test_cli_shows_the_choice_exports_and_refuses_mistakes(tmp_path: Path, tiny_model_spec: str) -> None:
+    from conftest import write_colour_images
+    from test_cli import assert_one_line_error, run_semdb
+
+    images = tmp_path / "images"
+    write_colour_images(images, per_colour=20)
+    db = str(tmp_path / "a.semdb")
+    assert run_semdb("ingest", str(images), "--db", db, "--model", tiny_model_spec, "--quiet").returncode == 0
+    stats = run_semdb("stats", "--db", db)
+    assert stats.returncode == 0, stats.stderr
+    assert "at 64 bits your codes keep" in stats.stdout and "measured on 100 of your images" in stats.stdout
+    codec_file = str(tmp_path / "a.codec")
+    exported = run_semdb("codec", "export", codec_file, "--db", db)
+    assert exported.returncode == 0 and "wrote pq codec at 64 bits/image" in exported.stdout, exported.stderr
+    fresh = str(tmp_path / "b.semdb")
+    assert_one_line_error(
+        run_semdb("ingest", str(images), "--db", fresh, "--codec-file", codec_file, "--model", "tiny-fashion"),
+        "was made for model",
+    )
+    assert_one_line_error(
+        run_semdb("ingest", str(images), "--db", fresh, "--codec-file", db, "--model", tiny_model_spec),
+        "not a semdb codec file",
+    )
+    assert_one_line_error(
+        run_semdb("ingest", str(images), "--db", fresh, "--bits", "64", "--fidelity", "0.9"), "--bits auto"
+    )
+    assert not Path(fresh).exists()
+
+
+def test_the_codec_shipped_for_the_bundled_model_loads() -> None:
+    from semdb.codec_file import BUNDLED_CODEC_FILE
+
+    shipped = read_codec_file(BUNDLED_CODEC_FILE, model="tiny-fashion", dim=384)
+    assert shipped.codec.bits_per_image == 64 and shipped.report["calibration_fidelity"]["held_out"] == 1000
