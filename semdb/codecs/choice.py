@@ -29,7 +29,7 @@ import numpy as np
 
 from semdb.codecs import Codec, train_codec
 from semdb.codecs.base import as_embeddings, check_bits
-from semdb.errors import InvalidArgumentError
+from semdb.errors import InvalidArgumentError, ModelUnavailableError
 from semdb.fidelity import HOLDOUT_SHARE, MIN_HOLDOUT, Fidelity, holdout_rows, measure
 
 DEFAULT_BITS = 64
@@ -127,7 +127,14 @@ def train_for_database(
 
     def query_sample() -> np.ndarray:
         if not sample:
-            sample.append(as_embeddings(queries(None if weighted else FIDELITY_QUERIES), x.shape[1]))
+            try:
+                sample.append(as_embeddings(queries(None if weighted else FIDELITY_QUERIES), x.shape[1]))
+            except ModelUnavailableError:
+                if weighted:
+                    raise
+                # Only the fidelity figures wanted the text tower (embeddings imported with
+                # add_embeddings, say, from a model this machine cannot load): measure without it.
+                sample.append(np.zeros((0, x.shape[1]), np.float32))
         return sample[0]
 
     def fit(rate: int) -> Codec:
