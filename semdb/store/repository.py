@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, bindparam, delete, func, insert, or_, select, update
 
 from semdb.errors import DatabaseDamagedError
 from semdb.paths import display_path
@@ -336,17 +336,6 @@ class Repository:
             statement, [{**{k: v for k, v in row.items() if k != "id"}, "image_id": row["id"]} for row in rows]
         )
 
-    def images_under(self, folder: str) -> list[tuple[int, str]]:
-        """``(id, path)`` of every record at ``folder`` or below it."""
-        exact = os.fsencode(folder)
-        prefix = exact.rstrip(b"/") + b"/"
-        # A range on the path bytes instead of LIKE: no wildcard escaping, and it uses the unique index.
-        upper = prefix[:-1] + b"0"  # b"0" is the byte after b"/"
-        statement = select(ImageRecord.id, ImageRecord.path).where(
-            or_(ImageRecord.path == exact, (ImageRecord.path >= prefix) & (ImageRecord.path < upper))
-        )
-        return [(int(image_id), os.fsdecode(path)) for image_id, path in self.connection.execute(statement)]
-
     def delete_images(self, image_ids: Sequence[int]) -> None:
         """Forget image records."""
         for chunk in _chunks(list(image_ids)):
@@ -441,16 +430,10 @@ class Repository:
 
     def images_under_page(self, folder: str, after: int, rows: int) -> list[tuple[int, str]]:
         """Up to ``rows`` ``(id, path)`` of the records at ``folder`` or below it with ids above
-        ``after``, by id: :meth:`images_under` a page at a time (a prune in bounded memory)."""
-        exact = os.fsencode(folder)
-        prefix = exact.rstrip(b"/") + b"/"
-        upper = prefix[:-1] + b"0"  # b"0" is the byte after b"/"
+        ``after``, by id: a prune pages through them in bounded memory."""
         statement = (
             select(ImageRecord.id, ImageRecord.path)
-            .where(
-                ImageRecord.id > after,
-                or_(ImageRecord.path == exact, (ImageRecord.path >= prefix) & (ImageRecord.path < upper)),
-            )
+            .where(ImageRecord.id > after, _at_or_below(folder))
             .order_by(ImageRecord.id)
             .limit(rows)
         )
@@ -496,18 +479,7 @@ class Repository:
         """
         statement = select(ImageRecord.id).where(ImageRecord.status == STATUS_INDEXED)
         if under:
-            ranges = []
-            for folder in under:
-                exact = os.fsencode(folder)
-                prefix = exact.rstrip(b"/") + b"/"
-                # As in images_under: a byte range, no LIKE wildcards to escape, uses the path index.
-                ranges.append(
-                    or_(
-                        ImageRecord.path == exact,
-                        (ImageRecord.path >= prefix) & (ImageRecord.path < prefix[:-1] + b"0"),
-                    )
-                )
-            statement = statement.where(or_(*ranges))
+            statement = statement.where(or_(*(_at_or_below(folder) for folder in under)))
         if modified_after_ns is not None:
             statement = statement.where(ImageRecord.mtime_ns >= modified_after_ns)
         if modified_before_ns is not None:
@@ -560,6 +532,15 @@ class Repository:
                     int(row.id), bytes(row.path), row.mtime_ns, int(row.width), int(row.height), str(row.sha256)
                 )
         return found
+
+
+def _at_or_below(folder: str) -> ColumnElement[bool]:
+    """The records whose path is ``folder`` itself or lies below it: a range on the path bytes
+    instead of LIKE (no wildcard escaping, and it uses the unique index on ``images.path``)."""
+    exact = os.fsencode(folder)
+    prefix = exact.rstrip(b"/") + b"/"
+    upper = prefix[:-1] + b"0"  # b"0" is the byte after b"/"
+    return or_(ImageRecord.path == exact, (ImageRecord.path >= prefix) & (ImageRecord.path < upper))
 
 
 def _ids_and_blobs(rows: Sequence[Any], dtype: type[np.generic], width: int) -> tuple[np.ndarray, np.ndarray]:
