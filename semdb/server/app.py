@@ -17,11 +17,12 @@ import mimetypes
 import os
 import threading
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.middleware.trustedhost import TrustedHostMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
@@ -49,6 +50,43 @@ Folders = Annotated[list[str], Query(description="only images in one of these fo
 Likes = Annotated[list[int], Query(description="stored image ids to search by (more like this)")]
 Pixels = Annotated[int | None, Query(ge=1)]
 Score = Annotated[float | None, Query(ge=-1, le=1)]
+
+
+@dataclass
+class SearchParams:
+    """The query string of ``/api/search``, the same for GET and for POST (an upload)."""
+
+    q: str | None
+    like: list[int]
+    limit: int
+    offset: int
+    under: list[str]
+    after: str | None
+    before: str | None
+    min_width: int | None
+    min_height: int | None
+    min_score: float | None
+    exact: bool
+
+
+def search_params(
+    q: str | None = None,
+    like: Likes = [],  # noqa: B006 (FastAPI copies defaults per request)
+    limit: Limit = DEFAULT_PAGE,
+    offset: Offset = 0,
+    under: Folders = [],  # noqa: B006
+    after: str | None = None,
+    before: str | None = None,
+    min_width: Pixels = None,
+    min_height: Pixels = None,
+    min_score: Score = None,
+    exact: bool = False,
+) -> SearchParams:
+    """The one declaration of ``/api/search``'s parameters (a FastAPI dependency)."""
+    return SearchParams(q, like, limit, offset, under, after, before, min_width, min_height, min_score, exact)
+
+
+Params = Annotated[SearchParams, Depends(search_params)]
 
 
 class Hit(BaseModel):
@@ -132,24 +170,11 @@ def create_app(
         status = 503 if isinstance(error, NotReadyError) else 400
         return JSONResponse({"detail": str(error)}, status_code=status)
 
-    def run_search(
-        q: str | None,
-        like: list[int],
-        limit: int,
-        offset: int,
-        under: list[str],
-        after: str | None,
-        before: str | None,
-        min_width: int | None,
-        min_height: int | None,
-        min_score: float | None,
-        exact: bool,
-        upload: bytes | None,
-    ) -> SearchResponse:
+    def run_search(params: SearchParams, upload: bytes | None) -> SearchResponse:
         query: SemdbQuery = db.query()
-        if q is not None and q.strip():
-            query = query.parse(q, allow_paths=False)
-        for image_id in like:
+        if params.q is not None and params.q.strip():
+            query = query.parse(params.q, allow_paths=False)
+        for image_id in params.like:
             query = query.like(image_id)
         if upload is not None:
             try:
@@ -158,13 +183,13 @@ def create_app(
                 raise InvalidArgumentError(f"the uploaded file is not a usable image: {error}") from None
         if not query.terms:
             raise InvalidArgumentError("give a query (q), an image id (like) or an image to search by")
-        query = query.limit(limit).offset(offset).under(*under).exact(exact)
-        if after or before:
-            query = query.modified(after or None, before or None)
-        if min_width is not None or min_height is not None:
-            query = query.min_size(min_width, min_height)
-        if min_score is not None:
-            query = query.min_score(min_score)
+        query = query.limit(params.limit).offset(params.offset).under(*params.under).exact(params.exact)
+        if params.after or params.before:
+            query = query.modified(params.after or None, params.before or None)
+        if params.min_width is not None or params.min_height is not None:
+            query = query.min_size(params.min_width, params.min_height)
+        if params.min_score is not None:
+            query = query.min_score(params.min_score)
         with lock:
             page = query.page()
             found = db.image_details([hit.id for hit in page.results])
@@ -187,45 +212,20 @@ def create_app(
         description = query.describe() if upload is None else query.describe().replace("an uploaded image", "upload")
         return SearchResponse(
             query=description,
-            offset=offset,
-            limit=limit,
+            offset=params.offset,
+            limit=params.limit,
             more=page.more,
             results=hits,
             timings=Timings(**vars(page.timings)),
         )
 
     @app.get("/api/search", response_model=SearchResponse)
-    def search(
-        q: str | None = None,
-        like: Likes = [],  # noqa: B006 (FastAPI copies defaults per request)
-        limit: Limit = DEFAULT_PAGE,
-        offset: Offset = 0,
-        under: Folders = [],  # noqa: B006
-        after: str | None = None,
-        before: str | None = None,
-        min_width: Pixels = None,
-        min_height: Pixels = None,
-        min_score: Score = None,
-        exact: bool = False,
-    ) -> SearchResponse:
+    def search(params: Params) -> SearchResponse:
         """Search by the query language (``q``) and/or stored images (``like``), with filters."""
-        return run_search(q, like, limit, offset, under, after, before, min_width, min_height, min_score, exact, None)
+        return run_search(params, None)
 
     @app.post("/api/search", response_model=SearchResponse)
-    async def search_by_upload(
-        request: Request,
-        q: str | None = None,
-        like: Likes = [],  # noqa: B006
-        limit: Limit = DEFAULT_PAGE,
-        offset: Offset = 0,
-        under: Folders = [],  # noqa: B006
-        after: str | None = None,
-        before: str | None = None,
-        min_width: Pixels = None,
-        min_height: Pixels = None,
-        min_score: Score = None,
-        exact: bool = False,
-    ) -> Any:
+    async def search_by_upload(request: Request, params: Params) -> Any:
         """Search by the image in the request body (raw bytes), plus ``q``/``like`` terms if given."""
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
@@ -239,21 +239,7 @@ def create_app(
             raise HTTPException(400, "the request body is empty: send the image's bytes")
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(
-            run_search,
-            q,
-            like,
-            limit,
-            offset,
-            under,
-            after,
-            before,
-            min_width,
-            min_height,
-            min_score,
-            exact,
-            bytes(received),
-        )
+        return await run_in_threadpool(run_search, params, bytes(received))
 
     @app.get("/api/stats")
     def stats() -> dict[str, Any]:
