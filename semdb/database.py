@@ -282,10 +282,10 @@ class Database:
         """
         if batch_size < 1 or train_size < 1 or max_pixels < 1 or (actors is not None and actors < 1):
             raise InvalidArgumentError("batch size, train size, max pixels and actors must be positive")
-        if fidelity is not None and (self._wanted["bits_per_image"] is not None or not 0 < fidelity <= 1):
-            raise InvalidArgumentError(
-                "--fidelity F (0 < F ≤ 1) chooses the rate: give it with --bits auto, not --bits N"
-            )
+        if fidelity is not None and not 0 < fidelity <= 1:
+            raise InvalidArgumentError(f"--fidelity must be a share of the float top-10 in (0, 1], got {fidelity}")
+        if fidelity is not None and self._wanted["bits_per_image"] is not None:
+            raise InvalidArgumentError("--fidelity F chooses the rate: give it with --bits auto, not --bits N")
         roots = resolve_roots(paths)
         encoder = self.encoder
         shipped = self._shipped_codec(codec_file, encoder) if codec_file is not None else None

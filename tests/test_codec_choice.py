@@ -178,3 +178,16 @@ def test_the_codec_shipped_for_the_bundled_model_loads() -> None:
 
     shipped = read_codec_file(BUNDLED_CODEC_FILE, model="tiny-fashion", dim=384)
     assert shipped.codec.bits_per_image == 64 and shipped.report["calibration_fidelity"]["held_out"] == 1000
+
+
+def test_a_fidelity_out_of_range_is_named_as_such(tmp_path: Path) -> None:
+    from conftest import FakeEncoder
+
+    import semdb
+
+    db = semdb.connect(tmp_path / "x.semdb", encoder=FakeEncoder())
+    with pytest.raises(InvalidArgumentError, match=r"in \(0, 1\], got 3"):
+        db.ingest(tmp_path, fidelity=3)
+    with pytest.raises(InvalidArgumentError, match="--bits auto, not --bits N"):
+        semdb.connect(tmp_path / "y.semdb", encoder=FakeEncoder(), bits=64).ingest(tmp_path, fidelity=0.9)
+    assert not (tmp_path / "x.semdb").exists() and not (tmp_path / "y.semdb").exists()
