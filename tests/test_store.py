@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -176,34 +174,3 @@ def test_opening_read_only_writes_nothing(tmp_path: Path) -> None:
         pass
     store.close()
     assert file_digest(path) == before
-
-
-def test_a_writer_queues_behind_another_and_is_told_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from semdb.store import store as store_module
-
-    monkeypatch.setattr(store_module, "WAIT_NOTICE_SECONDS", 0.2)
-    path = tmp_path / "db.semdb"
-    first = new_store(path)
-    messages: list[str] = []
-    second = Store.open(path, write=True, on_wait=messages.append)
-    holding = threading.Event()
-    order: list[str] = []
-
-    def hold_the_lock() -> None:
-        with first.writing() as repository:
-            repository.set_settings({"holder": "first"})
-            holding.set()
-            time.sleep(1.0)
-            order.append("first committed")
-
-    thread = threading.Thread(target=hold_the_lock)
-    thread.start()
-    holding.wait()
-    with second.writing() as repository:
-        order.append("second has the lock")
-        assert repository.setting("holder") == "first"  # it sees the first writer's commit
-    thread.join()
-    assert order == ["first committed", "second has the lock"]
-    assert len(messages) == 1 and "waiting for another ingest" in messages[0]
-    first.close()
-    second.close()
