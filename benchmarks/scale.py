@@ -39,6 +39,7 @@ from _bench import machine, percentile_ms, print_table
 from search_latency import spectrum, synthetic
 
 from semdb.codecs import train_codec
+from semdb.evaluation import recall_at_k
 from semdb.index.build import group_arrays
 from semdb.index.fastscan import FastScan, four_bit_layout
 from semdb.index.lists import assign_lists, train_lists
@@ -55,9 +56,29 @@ def chunks(n: int, centres: np.ndarray, scales: np.ndarray, noise: float, seed: 
         yield start, synthetic(min(CHUNK, n - start), centres, noise, scales, rng, chunk=CHUNK)
 
 
-def recall(got: np.ndarray, want: np.ndarray) -> float:
-    """Mean 10-recall@10 of ``got`` ``(q, k)`` against ``want`` ``(q, k)``."""
-    return float(np.mean([len(set(a[a >= 0]) & set(b)) / want.shape[1] for a, b in zip(got, want, strict=True)]))
+def measured(
+    label: str,
+    got: np.ndarray,
+    walls: list[float],
+    cpus: list[float],
+    truths: tuple[np.ndarray, np.ndarray],
+    nbytes: float,
+    build_s: float,
+) -> list[object]:
+    """One table row: ``label``, p50/p99 wall and CPU ms, 10-recall@10 of ``got`` ``(q, k)`` against
+    the exact answer and the float answer (``truths``), bytes per item, build seconds."""
+    exact_ids, float_truth = truths
+    return [
+        label,
+        percentile_ms(walls, 50),
+        percentile_ms(walls, 99),
+        percentile_ms(cpus, 50),
+        percentile_ms(cpus, 99),
+        recall_at_k(exact_ids, got),
+        recall_at_k(float_truth, got),
+        nbytes,
+        build_s,
+    ]
 
 
 def timed(search, queries: np.ndarray) -> tuple[np.ndarray, list[float], list[float]]:  # type: ignore[no-untyped-def]
@@ -151,17 +172,9 @@ def main() -> None:
         exact_ids, walls, cpus = timed(lambda q: cosine.search(q, K)[1], queries)
         cosine_bytes = args.n * (codec.code_size + 8 + 4 + 8)  # codes, part rows, 1/‖x̂‖, group ids
         rows.append(
-            [
-                "exact (today)",
-                percentile_ms(walls, 50),
-                percentile_ms(walls, 99),
-                percentile_ms(cpus, 50),
-                percentile_ms(cpus, 99),
-                1.0,
-                recall(exact_ids, float_truth),
-                cosine_bytes / args.n,
-                exact_build,
-            ]
+            measured(
+                "exact (today)", exact_ids, walls, cpus, (exact_ids, float_truth), cosine_bytes / args.n, exact_build
+            )
         )
         exact_p50 = percentile_ms(cpus, 50)
         if layout is not None:
@@ -171,17 +184,15 @@ def main() -> None:
             for rerank in map(int, args.reranks.split(",")):
                 got, walls, cpus = timed(lambda q, r=rerank: flat.search(q, K, rerank=r)[1], queries)
                 rows.append(
-                    [
+                    measured(
                         f"fast R={rerank}",
-                        percentile_ms(walls, 50),
-                        percentile_ms(walls, 99),
-                        percentile_ms(cpus, 50),
-                        percentile_ms(cpus, 99),
-                        recall(got, exact_ids),
-                        recall(got, float_truth),
+                        got,
+                        walls,
+                        cpus,
+                        (exact_ids, float_truth),
                         flat.nbytes() / args.n,
                         flat_build,
-                    ]
+                    )
                 )
             del flat
             t = time.perf_counter()
@@ -193,34 +204,30 @@ def main() -> None:
                         lambda q, p=nprobe, r=rerank: ivf.search(q, K, nprobe=p, rerank=r)[1], queries
                     )
                     rows.append(
-                        [
+                        measured(
                             f"ivf {args.lists}/{nprobe} R={rerank}",
-                            percentile_ms(walls, 50),
-                            percentile_ms(walls, 99),
-                            percentile_ms(cpus, 50),
-                            percentile_ms(cpus, 99),
-                            recall(got, exact_ids),
-                            recall(got, float_truth),
+                            got,
+                            walls,
+                            cpus,
+                            (exact_ids, float_truth),
                             ivf.nbytes() / args.n,
                             ivf_build,
-                        ]
+                        )
                     )
         for nprobe in (16, 32):
             faiss_ivf.nprobe = nprobe
             got, walls, cpus = timed(lambda q: faiss_ivf.search(q, K)[1], queries)
             packed = args.n * (codec.code_size + 8)
             rows.append(
-                [
+                measured(
                     f"faiss ivf {args.lists}/{nprobe}",
-                    percentile_ms(walls, 50),
-                    percentile_ms(walls, 99),
-                    percentile_ms(cpus, 50),
-                    percentile_ms(cpus, 99),
-                    recall(got, exact_ids),
-                    recall(got, float_truth),
+                    got,
+                    walls,
+                    cpus,
+                    (exact_ids, float_truth),
                     packed / args.n,
                     faiss_train + faiss_add_s,
-                ]
+                )
             )
         print_table(
             f"{args.n:,} items, {codec.describe()}, one thread, one query at a time (ms; recall = 10-recall@10)",
