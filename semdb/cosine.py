@@ -77,6 +77,43 @@ class CosineIndex:
             ]
         )
 
+    def changed(
+        self,
+        old_to_new: np.ndarray,
+        added_rows: np.ndarray,
+        added_codes: np.ndarray,
+        added_norms: np.ndarray | None,
+    ) -> CosineIndex:
+        """A new index after a change, sharing nothing mutable with this one and sorting nothing:
+        ``old_to_new`` ``(n,)`` int64 maps each item row to its row afterwards (-1: removed);
+        ``added_rows`` ``(a,)`` are the rows of the ``added_codes`` ``(a, code_size)`` uint8 afterwards,
+        whose ``1/‖x̂‖`` are ``added_norms`` ``(a,)`` (None: unit-norm). Each added item joins the part
+        whose norm range it falls in, so parts stay of similar norm (what keeps the bound tight);
+        the exact-answer proof holds for any split into parts."""
+        if not self.parts:
+            raise ValueError("an index without parts has nothing to change: build one")
+        if added_norms is None:
+            target = np.zeros(len(added_rows), np.int64)
+        else:
+            lowest = np.array([part.smallest for part in self.parts], np.float32)
+            target = np.clip(np.searchsorted(lowest, added_norms, side="right") - 1, 0, len(self.parts) - 1)
+        parts = []
+        for number, part in enumerate(self.parts):
+            moved = old_to_new[part.rows]
+            local = np.flatnonzero(moved >= 0)
+            joining = np.flatnonzero(target == number)
+            if len(local) == len(part.rows) and not len(joining):
+                index = part.index  # untouched: shared, as it is never modified in place
+            else:
+                index = _subset_index(part.index, local, added_codes[joining])
+            norms = None
+            if part.inverse_norms is not None and added_norms is not None:
+                norms = np.concatenate([part.inverse_norms[local], added_norms[joining]]).astype(np.float32)
+            rows = np.concatenate([moved[local], added_rows[joining]]).astype(np.int64)
+            if len(rows):
+                parts.append(CosinePart(index, rows, norms))
+        return CosineIndex(parts)
+
     @property
     def ntotal(self) -> int:
         """Number of items."""
@@ -156,12 +193,15 @@ def _best(candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]], k: int) -
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
-def _subset_index(index: faiss.Index, local: np.ndarray) -> faiss.Index:
-    """A copy of ``index`` (flat codes, behind any pre-transforms) holding only its rows ``local``."""
+def _subset_index(index: faiss.Index, local: np.ndarray, appended: np.ndarray | None = None) -> faiss.Index:
+    """A copy of ``index`` (flat codes, behind any pre-transforms) holding only its rows ``local``,
+    then the codes ``appended`` ``(a, code_size)`` uint8, if any."""
     inner: Any = faiss.downcast_index(index)
     while isinstance(inner, faiss.IndexPreTransform):
         inner = faiss.downcast_index(inner.index)
     codes = faiss.vector_to_array(inner.codes).reshape(inner.ntotal, inner.code_size)[local]
+    if appended is not None and len(appended):
+        codes = np.concatenate([codes, appended])
     subset: Any = faiss.clone_index(index)
     subset.reset()
     target: Any = faiss.downcast_index(subset)

@@ -40,7 +40,7 @@ from semdb.ingest import (
     resolve_roots,
 )
 from semdb.store import CodecRow, Counts, Repository, Store
-from semdb.store.client_cache import client_cache_path, keep_client_cache
+from semdb.store.client_cache import client_cache_path
 from semdb.store.postgres import display_url
 from semdb.store.repository import ImageDetails
 
@@ -441,9 +441,12 @@ class Database:
             return SearchIndex("", [], None, np.empty(0, np.int64))
         cache_file = cache_path(self.path) if self.path is not None else self._client_cache_file()
         previous = self._index
-        self._index = current_index(self._store, previous, cache_file, self._load_codec)
-        if self.path is None and self._index is not previous:
-            keep_client_cache(self._index, cache_file)
+        try:
+            self._index = current_index(self._store, previous, cache_file, self._load_codec)
+        except BaseException:
+            # Catching up changes the earlier index's fast scan in place: never reuse one half caught up.
+            self._index = None
+            raise
         return self._index
 
     def _client_cache_file(self) -> Path:

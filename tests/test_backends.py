@@ -118,6 +118,36 @@ def test_ingest_search_resume_and_bad_files(database_location: str, tmp_path: Pa
     db.close()
 
 
+def test_the_open_index_catches_up_from_the_change_log(
+    database_location: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from semdb.index import build, cache_path
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    reads: list[int] = []
+    read_group = build._read_group
+    monkeypatch.setattr(build, "_read_group", lambda *args: reads.append(1) or read_group(*args))
+    write_colour_images(tmp_path / "a", per_colour=4, seed=1)
+    write_colour_images(tmp_path / "b", per_colour=4, seed=2)
+    with semdb.connect(database_location, encoder=FakeEncoder(), bits=16) as db:
+        db.ingest(tmp_path / "a", train_size=8)
+        db.search("red", k=3)
+        reads.clear()
+        db.ingest(tmp_path / "b")  # the triggers log the new images and codes (plpgsql on PostgreSQL)
+        (tmp_path / "a" / "red_0.png").unlink()
+        db.ingest(tmp_path / "a", prune=True)
+        caught = [(hit.path, round(hit.score, 5)) for hit in db.search("red", k=8, exact=True)]
+        assert not reads  # caught up from the log: no full read of the codes
+        assert db.index().size == db.stats().images == 39  # 2 × 20 written, one pruned
+    # No cache (a server database's is on the client, a file's beside it): built from the store.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "elsewhere"))
+    if "://" not in database_location:
+        cache_path(Path(database_location)).unlink()
+    with semdb.connect(database_location, encoder=FakeEncoder()) as fresh:
+        assert [(hit.path, round(hit.score, 5)) for hit in fresh.search("red", k=8, exact=True)] == caught
+    assert reads and str(tmp_path / "a" / "red_0.png") not in {path for path, _ in caught}
+
+
 def test_four_concurrent_writers_train_one_codec_and_store_nothing_twice(
     database_location: str, tmp_path: Path
 ) -> None:

@@ -113,6 +113,6 @@ def test_index_cache_keeps_every_part(tmp_path: Path, monkeypatch: pytest.Monkey
     assert load_cache(tmp_path / "db.index", "db:7:token", {2: (1200, 16)}) is None  # another codec
     loaded = load_cache(tmp_path / "db.index", "db:7:token", expected)
     assert loaded is not None
-    restored = SearchIndex("db:7:token", loaded, None, np.empty(0, np.int64))
+    restored = SearchIndex("db:7:token", loaded.groups, None, np.empty(0, np.int64))
     for got, want in zip(restored.search(x[:20], 15), original.search(x[:20], 15), strict=True):
         np.testing.assert_array_equal(got, want)

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from semdb.errors import DatabaseDamagedError
 from semdb.index.cache import load_cache, load_earlier_cache, save_cache
 from semdb.index.fastscan import FastScan, four_bit_layout
 from semdb.index.lists import lists_from_bytes
-from semdb.index.search_index import CodedGroup, SearchIndex, flat_index
+from semdb.index.search_index import CodedGroup, SearchIndex, flat_index, rows_of
 from semdb.store import CodecRow, Repository, Store
 
 # Below this many codes a group keeps only the exact scan: it takes about as long as the fast scan's
@@ -41,7 +42,12 @@ FAST_SCAN_MIN_ITEMS = 50_000
 # (docs/benchmarks.md, "Scale"); the crossover between was not measured.
 LISTS_MIN_ITEMS = 500_000
 # A fast scan is caught up in place when at most this fraction of its rows changed; rebuilt beyond.
+# Also the most changes (as a fraction of the index's rows) caught up from the change log.
 CATCH_UP_FRACTION = 0.1
+# The cache file is rewritten once the open index is this many logged changes ahead of it (or this
+# fraction of its rows, if more); until then a later open loads it and catches up from the log.
+CACHE_REWRITE_MIN_CHANGES = 20_000
+CACHE_REWRITE_FRACTION = 0.02
 
 
 @dataclass
@@ -182,66 +188,234 @@ def _rows(lists: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
     return lists[mask] if lists is not None else None
 
 
+def _fast_after_change(
+    codec: Codec,
+    group: CodedGroup,
+    removed: np.ndarray,
+    added: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
+    coarse: Callable[[], np.ndarray | None],
+) -> FastScan | None:
+    """The fast scan of ``group`` (already changed; ``group.fast`` still the one from before) after
+    ``removed`` image ids went and ``added`` ``(ids, codes, norms, lists)`` came: caught up in place
+    when few rows changed and its kind (lists or not) still fits, else rebuilt from the group's rows;
+    ``coarse`` reads the centroids."""
+    fast, ids, lists = group.fast, group.ids, group.lists
+    wants_lists = lists is not None and len(ids) >= LISTS_MIN_ITEMS
+    changed = len(removed) + len(added[0])
+    if (
+        fast is not None
+        and len(ids) >= FAST_SCAN_MIN_ITEMS
+        and changed <= CATCH_UP_FRACTION * len(ids)
+        and (fast.coarse is not None) == wants_lists
+    ):
+        fast.remove(removed)
+        fast.add(*added)
+        return fast
+    if len(ids) < FAST_SCAN_MIN_ITEMS or four_bit_layout(codec) is None:
+        return None
+    codes, norms = group_arrays(group.index)
+    return fast_scan(codec, ids, codes, norms, lists, coarse() if lists is not None else None)
+
+
+def _apply_changes(
+    codec: Codec,
+    group: CodedGroup,
+    affected: np.ndarray,
+    rows: tuple[np.ndarray, np.ndarray, np.ndarray],
+    coarse: Callable[[], np.ndarray | None],
+) -> CodedGroup:
+    """``group`` with the images ``affected`` (sorted ids) removed and ``rows`` ``(ids (a,), codes
+    (a, code_size), lists (a,) -1 for none)`` — those of them coded by this codec now — put back.
+
+    Nothing of a million rows is sorted or decoded: kept rows keep their place and ``1/‖x̂‖``, the
+    added ones are decoded and inserted at their place by id (both sides are sorted)."""
+    add_ids, add_codes, add_lists = rows
+    add_norms = _norms(codec, add_codes)
+    if not group.index.parts:
+        cosine = CosineIndex.build(codec.check_codes(add_codes), codec.search_index, add_norms)
+        lists = add_lists.astype(np.int32) if len(add_lists) and (add_lists >= 0).all() else None
+        fresh = CodedGroup(group.codec_id, cosine, add_ids, None, lists, group.codec_digest)
+        fresh.fast = fast_scan(codec, add_ids, add_codes, add_norms, lists, coarse() if lists is not None else None)
+        return fresh
+    gone = rows_of(group.ids, affected)
+    keep = np.ones(len(group.ids), bool)
+    keep[gone] = False
+    kept_ids = group.ids[keep]
+    at = np.searchsorted(kept_ids, add_ids)
+    ids = np.insert(kept_ids, at, add_ids)
+    # Row of each kept item afterwards: its rank among the kept, plus the added ones inserted before it.
+    old_to_new = np.full(len(group.ids), -1, np.int64)
+    ranks = np.arange(len(kept_ids))
+    old_to_new[keep] = ranks + np.searchsorted(at, ranks, side="right")
+    added_rows = at + np.arange(len(add_ids))
+    cosine = group.index.changed(old_to_new, added_rows, codec.check_codes(add_codes), add_norms)
+    lists = None
+    if group.lists is not None and (add_lists >= 0).all():
+        lists = np.insert(group.lists[keep], at, add_lists.astype(group.lists.dtype))
+    changed = CodedGroup(group.codec_id, cosine, ids, group.fast, lists, group.codec_digest)
+    added = (add_ids, add_codes, add_norms, add_lists if lists is not None else None)
+    changed.fast = _fast_after_change(codec, changed, group.ids[gone], added, coarse)
+    return changed
+
+
+def _caught_up(
+    repository: Repository, earlier: SearchIndex, load_codec: Callable[[CodecRow], Codec]
+) -> list[CodedGroup] | None:
+    """``earlier``'s groups brought to the snapshot of ``repository`` from the change log alone (the
+    rows of the images changed since ``earlier.changes_seq``), or None where the log cannot vouch
+    for it: ``earlier`` was built from a state the log no longer holds (trimmed, or a restored
+    backup never had it), or more changed than :data:`CATCH_UP_FRACTION` of its rows, or a
+    codec's state differs from the one its group was built with."""
+    token = earlier.tag.rsplit(":", 1)[-1]
+    if earlier.changes_seq < 0 or not token or not repository.state_logged(token):
+        return None
+    rows_before = sum(len(group.ids) for group in earlier.coded)
+    changes = repository.changes_after(earlier.changes_seq, at_most=max(1_000, int(CATCH_UP_FRACTION * rows_before)))
+    if changes is None:
+        return None
+    image_ids, content_ids = changes
+    affected = np.union1d(image_ids, repository.images_of_contents(content_ids.tolist()))
+    coded = repository.coded_rows(affected.tolist())
+    by_codec: dict[int, list[tuple[int, int, bytes, int]]] = {}
+    for item in coded:
+        by_codec.setdefault(item[1], []).append(item)
+    groups = {group.codec_id: group for group in earlier.coded}
+    result: list[CodedGroup] = []
+    for codec_id in sorted(set(groups) | set(by_codec)):
+        row = repository.codec(codec_id)
+        if row is None:
+            raise DatabaseDamagedError("the database is damaged: codes refer to a codec that is not stored")
+        group = groups.get(codec_id)
+        if group is None:
+            # No indexed image had a code of this codec at the earlier state, so each one now was logged.
+            group = CodedGroup(codec_id, CosineIndex([]), np.empty(0, np.int64), None, None, _digest(row))
+        elif group.codec_digest != _digest(row):
+            return None
+        rows = _codec_rows(by_codec.get(codec_id, []), row)
+        group = _apply_changes(load_codec(row), group, affected, rows, partial(_coarse, repository, row))
+        if len(group.ids):
+            result.append(group)
+    return result
+
+
+def _coarse(repository: Repository, row: CodecRow) -> np.ndarray | None:
+    """The coarse centroids stored with codec ``row`` (None: none)."""
+    return lists_from_bytes(repository.codec_lists(row.id), row.dim)
+
+
+def _codec_rows(rows: list[tuple[int, int, bytes, int]], codec: CodecRow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(image id, codec id, code, list)`` rows (by id) → ``(ids (a,), codes (a, code_size), lists (a,))``."""
+    code_size = codec.bits_per_image // 8
+    if any(len(code) != code_size for _, _, code, _ in rows):
+        raise DatabaseDamagedError(
+            f"the database is damaged: a stored code does not have the length of codec {codec.id}"
+        )
+    ids = np.array([image_id for image_id, _, _, _ in rows], dtype=np.int64)
+    codes = np.frombuffer(b"".join(code for _, _, code, _ in rows), dtype=np.uint8).reshape(len(rows), code_size)
+    lists = np.array([list_no for _, _, _, list_no in rows], dtype=np.int64)
+    return ids, codes, lists
+
+
+def _same_database(tag: str, other: str) -> bool:
+    database_id = tag.split(":", 1)[0]
+    return bool(database_id) and other.split(":", 1)[0] == database_id
+
+
+def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_codec: Callable[[int], Codec]) -> None:
+    """Build the fast scans of cached groups (the cache stores the exact scan only)."""
+    for group in groups:
+        codec = load_codec(group.codec_id)
+        codes, norms = group_arrays(group.index)
+        coarse = None
+        if group.lists is not None:
+            coarse = lists_from_bytes(repository.codec_lists(group.codec_id), codec.dim)
+        if coarse is None or (group.lists is not None and len(group.lists) and group.lists.max() >= len(coarse)):
+            group.lists = None
+        group.fast = fast_scan(codec, group.ids, codes, norms, group.lists, coarse)
+
+
 def current_index(
     store: Store,
     previous: SearchIndex | None,
     cache_file: Path | None,
     load_codec: Callable[[CodecRow], Codec],
 ) -> SearchIndex:
-    """The index of the store's current state: ``previous`` if still current, else the cache, else
-    caught up from an earlier index (``previous``, else an earlier cache), else built (module docstring).
+    """The index of the store's current state (module docstring): ``previous`` if still current;
+    else ``previous`` caught up from the change log; else the cache of this state; else an earlier
+    cache caught up from the log; else everything read from the store, reconciled with whatever
+    earlier index there is.
 
     Everything is read in one snapshot, so the index matches one committed state, never half a
-    batch. Each group of codes is searched through the codec that made it (``load_codec``). A
-    new index is written to ``cache_file`` when the folder allows (the cache is an optimisation:
-    a read-only folder must not break search).
+    batch. Each group of codes is searched through the codec that made it (``load_codec``). The
+    cache file is rewritten when the index was built or is far ahead of the file (a folder that
+    cannot be written is no error: the cache is an optimisation).
     """
     with store.reading() as repository:
         tag = repository.state_tag()
         if previous is not None and previous.tag == tag:
             return previous
+        seq = repository.last_change()
         dim = repository.int_setting("dim", 0) or 0
+        staged_ids, staged = repository.staged_images(dim) if dim else (np.empty(0, np.int64), np.empty((0, 0)))
+        if previous is not None and _same_database(tag, previous.tag):
+            caught = _caught_up(repository, previous, load_codec)
+            if caught is not None:
+                index = SearchIndex(tag, caught, flat_index(staged), staged_ids, seq, previous.cache_seq)
+                return _saved(index, store, cache_file)
         counts = repository.coded_counts()
         stored = {codec_id: repository.codec(codec_id) for codec_id in counts}
         codec_rows = {codec_id: row for codec_id, row in stored.items() if row is not None}
         if len(codec_rows) != len(counts):
             raise DatabaseDamagedError(f"{store.location} is damaged: codes refer to a codec that is not stored")
-        staged_ids, staged = repository.staged_images(dim) if dim else (np.empty(0, np.int64), np.empty((0, 0)))
         expected = {codec_id: (count, codec_rows[codec_id].dim) for codec_id, count in counts.items()}
-        groups = load_cache(cache_file, tag, expected) if cache_file is not None else None
-        read: dict[int, StoredGroup] = {}
-        if groups is None:
-            for codec_id, row in codec_rows.items():
-                read[codec_id] = _read_group(repository, row, counts[codec_id], store.location)
-    if groups is not None:
-        for group in groups:
-            codec = load_codec(codec_rows[group.codec_id])
-            codes, norms = group_arrays(group.index)
-            coarse = None
-            if group.lists is not None:
-                with store.reading() as repository:
-                    coarse = lists_from_bytes(repository.codec_lists(group.codec_id), codec.dim)
-            if coarse is None or (group.lists is not None and len(group.lists) and group.lists.max() >= len(coarse)):
-                group.lists = None
-            group.fast = fast_scan(codec, group.ids, codes, norms, group.lists, coarse)
-        return SearchIndex(tag, groups, flat_index(staged), staged_ids)
-    earlier = _earlier_groups(previous, tag, cache_file, expected)
-    groups = [_reconcile(load_codec(group.row), group, earlier.get(codec_id)) for codec_id, group in read.items()]
-    index = SearchIndex(tag, groups, flat_index(staged), staged_ids)
-    if cache_file is not None and store.path is not None:
-        with contextlib.suppress(OSError):
-            save_cache(index, cache_file, mode=store.path.stat().st_mode & 0o666)
-    return index
+
+        def codec_of(codec_id: int) -> Codec:
+            row = codec_rows.get(codec_id) or repository.codec(codec_id)
+            if row is None:
+                raise DatabaseDamagedError(f"{store.location} is damaged: codes refer to a codec that is not stored")
+            return load_codec(row)
+
+        cached = load_cache(cache_file, tag, expected) if cache_file is not None else None
+        if cached is not None:
+            _with_fast_scans(repository, cached.groups, codec_of)
+            return SearchIndex(tag, cached.groups, flat_index(staged), staged_ids, seq, cached.changes_seq)
+        earlier = load_earlier_cache(cache_file, tag, expected) if cache_file is not None and previous is None else None
+        if earlier is not None:
+            _with_fast_scans(repository, earlier.groups, codec_of)
+            earlier_index = SearchIndex(earlier.tag, earlier.groups, None, np.empty(0, np.int64), earlier.changes_seq)
+            caught = _caught_up(repository, earlier_index, load_codec)
+            if caught is not None:
+                index = SearchIndex(tag, caught, flat_index(staged), staged_ids, seq, earlier.changes_seq)
+                return _saved(index, store, cache_file)
+        read = {
+            codec_id: _read_group(repository, row, counts[codec_id], store.location)
+            for codec_id, row in codec_rows.items()
+        }
+    reference = previous.coded if previous is not None and _same_database(tag, previous.tag) else []
+    if earlier is not None:
+        reference = earlier.groups
+    by_codec = {group.codec_id: group for group in reference}
+    groups = [_reconcile(load_codec(group.row), group, by_codec.get(codec_id)) for codec_id, group in read.items()]
+    return _saved(SearchIndex(tag, groups, flat_index(staged), staged_ids, seq), store, cache_file, force=True)
 
 
-def _earlier_groups(
-    previous: SearchIndex | None, tag: str, cache_file: Path | None, expected: dict[int, tuple[int, int]]
-) -> dict[int, CodedGroup]:
-    """Groups of an earlier state of this database to reconcile with: in memory, else from the cache."""
-    database_id = tag.split(":", 1)[0]
-    if previous is not None and database_id and previous.tag.split(":", 1)[0] == database_id:
-        return {group.codec_id: group for group in previous.coded}
+def _saved(index: SearchIndex, store: Store, cache_file: Path | None, *, force: bool = False) -> SearchIndex:
+    """``index``, written to ``cache_file`` if it was built anew (``force``) or is more than
+    :data:`CACHE_REWRITE_FRACTION` of its rows (in logged changes) ahead of the file: a later open
+    loads the file and catches up from the change log, so a small change need not rewrite it all."""
+    behind = index.changes_seq - index.cache_seq if index.cache_seq >= 0 else None
+    allowed = max(CACHE_REWRITE_MIN_CHANGES, CACHE_REWRITE_FRACTION * index.size)
+    if not force and behind is not None and behind <= allowed:
+        return index
     if cache_file is None:
-        return {}
-    cached = load_earlier_cache(cache_file, tag, expected)
-    return {group.codec_id: group for group in cached or []}
+        return index
+    with contextlib.suppress(OSError):
+        if store.path is not None:
+            mode = store.path.stat().st_mode & 0o666  # whoever may read the database may read its cache
+        else:
+            # A server database's cache lives on this client, owner-only (semdb.store.client_cache).
+            mode = 0o600
+            cache_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        save_cache(index, cache_file, mode=mode)
+        index.cache_seq = index.changes_seq
+    return index

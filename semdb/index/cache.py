@@ -16,6 +16,7 @@ import os
 import tempfile
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -24,7 +25,8 @@ import numpy as np
 from semdb.cosine import CosineIndex, CosinePart
 from semdb.index.search_index import CodedGroup, SearchIndex
 
-FORMAT = 3  # 3: inverted list numbers and the codec state's digest per group (issue 10)
+# 3: inverted list numbers and the codec state's digest per group; 4: the change-log seq it covers (issue 10)
+FORMAT = 4
 # A cache larger than this many bytes per expected row (plus a fixed allowance for codebooks and
 # transforms) is not even opened: nothing in a cache file may make semdb allocate without bound.
 MAX_BYTES_PER_ROW = 256
@@ -57,6 +59,7 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
         "format": np.array([FORMAT], dtype=np.int64),
         "tag": np.frombuffer(index.tag.encode(), dtype=np.uint8),
         "codec_ids": np.array([group.codec_id for group in index.coded], dtype=np.int64),
+        "changes_seq": np.array([index.changes_seq], dtype=np.int64),
     }
     for number, group in enumerate(index.coded):
         parts = group.index.parts
@@ -113,8 +116,18 @@ def _read_npz(path: Path, max_bytes: int) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-def load_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> list[CodedGroup] | None:
-    """The cached coded groups if ``path`` holds a trustworthy cache for this store state; else None.
+@dataclass
+class CachedIndex:
+    """What a cache file holds: the state ``tag`` and change-log seq ``changes_seq`` it was built
+    from (-1: unknown), and its coded groups (fast scans not built: they are not stored)."""
+
+    tag: str
+    changes_seq: int
+    groups: list[CodedGroup]
+
+
+def load_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> CachedIndex | None:
+    """The cache if ``path`` holds a trustworthy one for this very store state; else None.
 
     ``expected``: codec id → ``(rows, dim)``: how many indexed images the store holds coded by
     that codec, and the codec's dimension. A missing, unreadable, stale, foreign, altered or
@@ -123,10 +136,12 @@ def load_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> li
     return _load(path, expected, lambda stored: stored == tag, exact_rows=True)
 
 
-def load_earlier_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> list[CodedGroup] | None:
-    """The cached groups of an earlier state of the same database (same database id, any
-    generation), intact and well-formed, or None: a starting point that
-    :func:`semdb.index.build.current_index` reconciles row by row with the store (never trusted as is).
+def load_earlier_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> CachedIndex | None:
+    """The cache of any state of the same database (same database id), intact and well-formed, or
+    None: a starting point that :func:`semdb.index.build.current_index` catches up from the change
+    log or reconciles row by row with the store (never trusted as is).
+
+    ``expected`` bounds the file's size and gives each codec's dimension; rows may differ.
     """
     database_id = tag.split(":", 1)[0]
     return _load(path, expected, lambda stored: bool(database_id) and stored.split(":", 1)[0] == database_id)
@@ -134,7 +149,7 @@ def load_earlier_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]
 
 def _load(
     path: Path, expected: dict[int, tuple[int, int]], tag_ok: Callable[[str], bool], exact_rows: bool = False
-) -> list[CodedGroup] | None:
+) -> CachedIndex | None:
     rows_expected = sum(rows for rows, _ in expected.values())
     try:
         arrays = _read_npz(path, rows_expected * MAX_BYTES_PER_ROW + FIXED_ALLOWANCE_BYTES)
@@ -146,17 +161,22 @@ def _load(
     try:
         if not np.array_equal(stored_checksum, _checksum(arrays)):
             return None
-        if arrays["format"].tolist() != [FORMAT] or not tag_ok(bytes(arrays["tag"]).decode()):
+        stored_tag = bytes(arrays["tag"]).decode()
+        if arrays["format"].tolist() != [FORMAT] or not tag_ok(stored_tag):
             return None
         codec_ids = [int(codec_id) for codec_id in arrays["codec_ids"]]
         if len(set(codec_ids)) != len(codec_ids) or not set(codec_ids) <= set(expected):
             return None
         if exact_rows and sorted(codec_ids) != sorted(expected):
             return None
-        return [
+        seq = arrays["changes_seq"].tolist()
+        if len(seq) != 1 or seq[0] < -1:
+            return None
+        groups = [
             _group(arrays, number, codec_id, expected[codec_id][0] if exact_rows else None, expected[codec_id][1])
             for number, codec_id in enumerate(codec_ids)
         ]
+        return CachedIndex(stored_tag, int(seq[0]), groups)
     except (KeyError, ValueError, UnicodeDecodeError, RuntimeError):
         return None
 

@@ -238,14 +238,16 @@ class FastScan:
             self._append(added, ids, codes, lists_checked)
         else:
             self.index = added
-        all_ids = np.concatenate([self.ids, ids])
-        order = np.argsort(all_ids, kind="stable")
-        self.ids = all_ids[order]
-        self.codes = np.concatenate([self.codes, codes])[order]
+        # Inserted at their places by id (no sort of everything held): the new ids sorted first.
+        order = np.argsort(ids, kind="stable")
+        at = np.searchsorted(self.ids, ids[order])
+        held = len(self.ids)
+        self.ids = np.insert(self.ids, at, ids[order])
+        self.codes = np.insert(self.codes, at, codes[order], axis=0)
         if inverse_norms is not None or self.inverse_norms is not None:
-            old = self.inverse_norms if self.inverse_norms is not None else np.ones(len(order) - len(ids), np.float32)
-            new = inverse_norms if inverse_norms is not None else np.ones(len(ids), np.float32)
-            self.inverse_norms = np.concatenate([old, np.asarray(new, np.float32)])[order]
+            old = self.inverse_norms if self.inverse_norms is not None else np.ones(held, np.float32)
+            new = np.asarray(inverse_norms, np.float32) if inverse_norms is not None else np.ones(len(ids), np.float32)
+            self.inverse_norms = np.insert(old, at, new[order])
 
     def _append(self, added: Any, ids: np.ndarray, codes: np.ndarray, lists: np.ndarray) -> None:
         """Move the lists of ``added`` (a fast-scan index of the new items) onto the end of ours.
@@ -277,9 +279,13 @@ class FastScan:
     def remove(self, ids: np.ndarray) -> None:
         """Forget the items of image ``ids`` (pruned or replaced images), from the scan and the arrays."""
         ids = np.asarray(ids, dtype=np.int64)
-        keep = ~np.isin(self.ids, ids)
-        if keep.all():
+        rows = np.searchsorted(self.ids, ids)
+        inside = rows < len(self.ids)
+        rows = rows[inside][self.ids[rows[inside]] == ids[inside]]
+        if not len(rows):
             return
+        keep = np.ones(len(self.ids), bool)
+        keep[rows] = False
         self.index.remove_ids(faiss.IDSelectorBatch(ids))
         self.ids, self.codes = self.ids[keep], self.codes[keep]
         if self.inverse_norms is not None:

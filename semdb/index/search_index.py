@@ -69,6 +69,10 @@ class SearchIndex:
     coded: list[CodedGroup]
     staged: faiss.Index | None
     staged_ids: np.ndarray
+    # The newest change-log seq of the snapshot it was built from (-1: unknown, it cannot catch up
+    # from the log), and that of the cache file this process last read or wrote (semdb.index.build).
+    changes_seq: int = -1
+    cache_seq: int = -1
 
     @property
     def size(self) -> int:

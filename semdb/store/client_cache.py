@@ -15,14 +15,10 @@ file.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
-
-from semdb.index import SearchIndex, save_cache
 from semdb.store.postgres import server_identity
 
 CACHE_HOME_ENV = "XDG_CACHE_HOME"
@@ -39,25 +35,3 @@ def client_cache_path(location: str, database_id: str) -> Path:
     server = hashlib.sha256(server_identity(location).encode()).hexdigest()[:16]
     safe_id = "".join(c for c in database_id if c.isalnum())[:64] or "unknown"
     return cache_folder() / f"{safe_id}-{server}.index"
-
-
-def _stored_tag(path: Path) -> str | None:
-    """The state tag a cache file carries (its other members are not read); None if unreadable."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return bytes(archive["tag"]).decode()
-    except Exception:  # a cache is disposable: unreadable means "write it again"
-        return None
-
-
-def keep_client_cache(index: SearchIndex, path: Path) -> None:
-    """Write ``index`` to ``path`` unless the file already holds this state (the index was loaded from it).
-
-    The folder is created owner-only; a cache that cannot be written (read-only home) is skipped:
-    the cache only saves the rebuild on the next start.
-    """
-    if not index.coded or _stored_tag(path) == index.tag:
-        return
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        save_cache(index, path, mode=0o600)

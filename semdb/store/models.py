@@ -11,6 +11,8 @@ Tables::
     codes     content → code (bits_per_image / 8 bytes), the codec that made it, its inverted list
     staged    content → float32 embedding, kept only until the codec is trained
     images    path (bytes) → content, size, mtime, status ('indexed' or 'skipped') and the skip reason
+    index_changes  what changed since an index was built: image ids, content ids (written by
+              triggers, revision 0005) and each state's change token; trimmed from its oldest end
 
 The schema itself is created and evolved by the Alembic revisions in ``migrations/``; a test
 checks that the revisions and these models agree.
@@ -129,3 +131,18 @@ class ImageRecord(Base):
     status: Mapped[str] = mapped_column(String(16), index=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+
+class IndexChange(Base):
+    """One logged change of the searchable content (revision 0005): ``image_id`` (an image record added,
+    removed, or its content or status changed) or ``content_id`` (a code added, replaced or removed),
+    written by triggers; or ``token``, the change token of a content state, written by
+    :meth:`~semdb.store.repository.Repository.record_change`. ``seq`` increases with every row."""
+
+    __tablename__ = "index_changes"
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+    image_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    content_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    token: Mapped[str | None] = mapped_column(String(32), index=True, nullable=True)
+
+    __table_args__ = ({"sqlite_autoincrement": True},)

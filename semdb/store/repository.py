@@ -26,6 +26,7 @@ from semdb.store.models import (
     CodecRecord,
     Content,
     ImageRecord,
+    IndexChange,
     Setting,
     StagedEmbedding,
 )
@@ -41,6 +42,10 @@ SETTING_BOUNDS: dict[str, tuple[int, int]] = {
 
 # Rows per IN (...) list: far below SQLite's and PostgreSQL's bound-parameter limits.
 CHUNK = 500
+# The change log keeps at least this many newest rows, or one per ten images if that is more: an index
+# more changes behind than a tenth of its rows is rebuilt anyway (semdb.index.build), so older rows
+# would never be read. It is trimmed once it holds twice that.
+CHANGE_LOG_MIN_ROWS = 100_000
 
 
 def _chunks(items: Sequence[T], size: int = CHUNK) -> Iterator[Sequence[T]]:
@@ -170,7 +175,68 @@ class Repository:
         built from another state never matches (a counter alone repeats after a restore).
         """
         generation = (self.int_setting("generation") or 0) + 1
-        self.set_settings({"generation": str(generation), "change_token": uuid.uuid4().hex})
+        token = uuid.uuid4().hex
+        self.set_settings({"generation": str(generation), "change_token": token})
+        # The state's marker in the change log: an index built from this state catches up from here.
+        self.connection.execute(insert(IndexChange).values(token=token))
+        self._trim_change_log()
+
+    def _trim_change_log(self) -> None:
+        """Delete the oldest change-log rows beyond what any catch-up could use (:data:`CHANGE_LOG_MIN_ROWS`)."""
+        low, high = self.connection.execute(select(func.min(IndexChange.seq), func.max(IndexChange.seq))).one()
+        if low is None:
+            return
+        keep = max(CHANGE_LOG_MIN_ROWS, int(self.connection.scalar(select(func.max(ImageRecord.id))) or 0) // 10)
+        if high - low + 1 > 2 * keep:
+            # Always a prefix (the oldest rows): a state's marker still logged means every later change is.
+            self.connection.execute(delete(IndexChange).where(IndexChange.seq <= high - keep))
+
+    # --- the change log (revision 0005): what an index catches up with ------------------------------
+
+    def last_change(self) -> int:
+        """The newest change-log ``seq`` (0 when the log is empty): what an index of this snapshot covers."""
+        return int(self.connection.scalar(select(func.max(IndexChange.seq))) or 0)
+
+    def state_logged(self, token: str) -> bool:
+        """Whether the change log still holds the marker of the state with change token ``token``:
+        the database passed through that state (a restored backup from before it did not) and every
+        change since is logged (the log is only ever trimmed from its oldest end)."""
+        return self.connection.scalar(select(IndexChange.seq).where(IndexChange.token == token).limit(1)) is not None
+
+    def changes_after(self, seq: int, at_most: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Image ids and content ids logged after ``seq``: ``(image_ids (a,), content_ids (c,))`` int64,
+        unique; None when more than ``at_most`` rows were logged (catching up would not pay)."""
+        count = int(self.connection.scalar(select(func.count()).where(IndexChange.seq > seq)) or 0)
+        if count > at_most:
+            return None
+        rows = self.connection.execute(
+            select(IndexChange.image_id, IndexChange.content_id).where(IndexChange.seq > seq)
+        ).all()
+        images = np.unique(np.array([row[0] for row in rows if row[0] is not None], dtype=np.int64))
+        contents = np.unique(np.array([row[1] for row in rows if row[1] is not None], dtype=np.int64))
+        return images, contents
+
+    def images_of_contents(self, content_ids: Sequence[int]) -> np.ndarray:
+        """``(n,)`` int64 ids of the image records of ``content_ids``, sorted."""
+        found: list[int] = []
+        for chunk in _chunks(list(content_ids)):
+            found.extend(self.connection.scalars(select(ImageRecord.id).where(ImageRecord.content_id.in_(chunk))))
+        return np.unique(np.array(found, dtype=np.int64))
+
+    def coded_rows(self, image_ids: Sequence[int]) -> list[tuple[int, int, bytes, int]]:
+        """``(image id, codec id, code, list_no or -1)`` of those of ``image_ids`` indexed with a code, by id."""
+        rows: list[tuple[int, int, bytes, int]] = []
+        for chunk in _chunks(list(image_ids)):
+            statement = (
+                select(ImageRecord.id, Code.codec_id, Code.code, Code.list_no)
+                .join(Code, Code.content_id == ImageRecord.content_id)
+                .where(ImageRecord.status == STATUS_INDEXED, ImageRecord.id.in_(chunk))
+            )
+            rows.extend(
+                (int(image_id), int(codec_id), bytes(code), -1 if list_no is None else int(list_no))
+                for image_id, codec_id, code, list_no in self.connection.execute(statement)
+            )
+        return sorted(rows)
 
     def state_tag(self) -> str:
         """The database's identity and content state, ``database_id:generation:change_token``."""
@@ -413,6 +479,10 @@ class Repository:
 
     def staged_images(self, dim: int) -> tuple[np.ndarray, np.ndarray]:
         """Indexed images not coded yet: ``(image_ids (m,) int64, embeddings (m, dim) float32)``."""
+        # Asked before every search of a changed database, and nearly always empty once a codec is
+        # trained: without this check SQLite plans the join from the images (a scan of all of them).
+        if self.connection.scalar(select(StagedEmbedding.content_id).limit(1)) is None:
+            return np.empty(0, np.int64), np.empty((0, dim), np.float32)
         statement = (
             select(ImageRecord.id, StagedEmbedding.embedding)
             .join(StagedEmbedding, StagedEmbedding.content_id == ImageRecord.content_id)

@@ -49,6 +49,8 @@ from semdb.store.repository import Repository
 
 SQLITE_HEADER = b"SQLite format 3\x00"
 SEMDB_TABLES = frozenset(Base.metadata.tables)
+# The revision that added each table not in the first one (so a database before it is not "damaged").
+TABLE_ADDED_BY = {"index_changes": "0005"}
 # A writer waiting for the lock longer than this is told why it is not moving.
 WAIT_NOTICE_SECONDS = 3.0
 DEFAULT_LOCK_TIMEOUT_SECONDS = 900.0
@@ -206,6 +208,13 @@ class Store:
                 f"{self.location} is not a semdb database ({kind} with tables: {', '.join(sorted(tables))}); "
                 "semdb leaves it untouched"
             )
+        # Tables a later revision adds are not missing from a database at an earlier one.
+        order = migrate.known_revisions()
+        missing = frozenset(
+            table
+            for table in missing
+            if order.index(TABLE_ADDED_BY.get(table, order[0])) <= order.index(revision or order[0])
+        )
         if missing:
             raise DatabaseDamagedError(
                 f"{self.location} is damaged: semdb tables missing ({', '.join(sorted(missing))}); "
