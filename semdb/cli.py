@@ -363,12 +363,16 @@ def _add_stats(subparsers: Any) -> None:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    with connect(args.db or default_database_path(), create=False) as db:
-        db.migrate()
+    from semdb.store import Store
+
+    # The store itself, not a Database: a Database refuses to open an older schema, which is what
+    # this command is for. Opening for writing applies the pending revisions; a missing file is an error.
+    store = Store.open(args.db or default_database_path(), write=True)
+    store.close()
     if args.json:
-        _print_json({"database": db.location, "up_to_date": True})
+        _print_json({"database": store.location, "up_to_date": True})
     else:
-        stdout.print(f"{db.location}: schema up to date", highlight=False)
+        stdout.print(f"{store.location}: schema up to date", highlight=False)
     return 0
 
 

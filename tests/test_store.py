@@ -174,3 +174,20 @@ def test_opening_read_only_writes_nothing(tmp_path: Path) -> None:
         pass
     store.close()
     assert file_digest(path) == before
+
+
+def test_semdb_migrate_upgrades_a_database_at_an_older_schema(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from semdb.cli import main
+
+    path = tmp_path / "db.semdb"
+    store = new_store(path)
+    with store.writing() as repository:
+        command.downgrade(migrate.alembic_config(repository.connection), "0004")
+    store.close()
+    assert main(["migrate", "--db", str(path)]) == 0
+    assert "schema up to date" in capsys.readouterr().out
+    with Store.open(path).reading() as repository:
+        assert migrate.current_revision(repository.connection) == migrate.head_revision()
+    assert main(["migrate", "--db", str(tmp_path / "missing.semdb")]) != 0
