@@ -30,10 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import machine, percentile_ms, print_table
-from scale import chunks, recall
+from scale import chunks
 from search_latency import spectrum, synthetic
 
 import semdb
+from semdb.evaluation import recall_at_k
 from semdb.index import SearchIndex, cache_path
 
 DIM = 512
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--folder", default=None, help="where the database goes (default: a temporary folder)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="use the database already in --folder (made by an earlier run) as it is"
+    )
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits
 
@@ -84,14 +88,15 @@ def main() -> None:
     path = folder / "scale.semdb"
     rows: list[list[object]] = []
     with threadpool_limits(limits=1):
-        with semdb.connect(path, codec=args.codec, bits=args.bits, model="synthetic-512") as db:
-            started = time.perf_counter()
-            for start, block in chunks(args.n, centres, scales, 1.0, args.seed):
-                db.add_embeddings(
-                    [f"/synthetic/{start + i}.jpg" for i in range(len(block))], block, train_size=args.train
-                )
-            rows.append(["import (add_embeddings)", time.perf_counter() - started, None])
-            print(f"imported {args.n:,} in {rows[-1][1]:.0f} s", flush=True)
+        if not (args.reuse and path.exists()):
+            with semdb.connect(path, codec=args.codec, bits=args.bits, model="synthetic-512") as db:
+                started = time.perf_counter()
+                for start, block in chunks(args.n, centres, scales, 1.0, args.seed):
+                    db.add_embeddings(
+                        [f"/synthetic/{start + i}.jpg" for i in range(len(block))], block, train_size=args.train
+                    )
+                rows.append(["import (add_embeddings)", time.perf_counter() - started, None])
+                print(f"imported {args.n:,} in {rows[-1][1]:.0f} s", flush=True)
         cache_path(path).unlink(missing_ok=True)
         with semdb.connect(path) as db:
             rows.append(["full build from the store", *timed_cpu(db.index)])
@@ -111,8 +116,9 @@ def main() -> None:
                 exact_walls.append(time.perf_counter() - wall)
                 fast_ids.append([hit.id for hit in hits])
                 exact_ids.append([hit.id for hit in truth])
-            extra = synthetic(1000, centres, 1.0, scales, np.random.default_rng(123))
-            extra_paths = [f"/synthetic/extra-{i}.jpg" for i in range(1000)]
+            run = time.time_ns()  # new paths and vectors each run, so that a --reuse run adds new images
+            extra = synthetic(1000, centres, 1.0, scales, np.random.default_rng(run % 2**32))
+            extra_paths = [f"/synthetic/extra-{run}-{i}.jpg" for i in range(1000)]
             add_wall, _ = timed_cpu(lambda: db.add_embeddings(extra_paths, extra))
             rows.append(["add 1,000 (the import itself)", add_wall, None])
             rows.append(["first search after adding 1,000", *timed_cpu(lambda: db.search_vectors(queries[:1], k=K))])
@@ -123,7 +129,7 @@ def main() -> None:
                 repository.delete_orphans()
                 repository.record_change()
             rows.append(["first search after pruning 1,000", *timed_cpu(lambda: db.search_vectors(queries[:1], k=K))])
-            db.add_embeddings([f"/synthetic/late-{i}.jpg" for i in range(10)], extra[:10])
+            db.add_embeddings([f"/synthetic/late-{run}-{i}.jpg" for i in range(10)], extra[:10] + 0.01)
         with semdb.connect(path) as db:  # the cache is one change behind: caught up from it
             rows.append(["reopen, cache one change behind", *timed_cpu(lambda: db.search_vectors(queries[:1], k=K))])
     print_table(
@@ -141,7 +147,7 @@ def main() -> None:
                 percentile_ms(fast_walls, 99),
                 percentile_ms(fast_cpus, 50),
                 percentile_ms(fast_cpus, 99),
-                recall(np.array(fast_ids), np.array(exact_ids)),
+                recall_at_k(np.array(exact_ids), np.array(fast_ids)),
             ],
             [
                 "exact=True",
