@@ -129,6 +129,7 @@ class Database:
         self._text_encoder: TextEncoder | None = None
         self._filtered: dict[tuple[str, str], np.ndarray] = {}
         self._index: SearchIndex | None = None
+        self._index_version: int | None = None  # the store's data_version when _index was current
         self._cache_file: Path | None = None
         self._codecs: dict[int, Codec] = {}
         # Validate before anything is opened, so that a mistake never leaves a database behind.
@@ -250,6 +251,7 @@ class Database:
             if self._store is not None:
                 self._store.close()
             self._store = store
+            self._index_version = None  # another connection's data_version: not comparable
         self._store.on_wait = self.on_wait
         return self._store
 
@@ -441,8 +443,14 @@ class Database:
             return SearchIndex("", [], None, np.empty(0, np.int64))
         cache_file = cache_path(self.path) if self.path is not None else self._client_cache_file()
         previous = self._index
+        # Unchanged file, unchanged index: no transaction at all (read before the index is, so that a
+        # commit landing meanwhile makes the next call look again).
+        version = self._store.data_version()
+        if previous is not None and version is not None and version == self._index_version:
+            return previous
         try:
             self._index = current_index(self._store, previous, cache_file, self._load_codec)
+            self._index_version = version
         except BaseException:
             # Catching up changes the earlier index's fast scan in place: never reuse one half caught up.
             self._index = None

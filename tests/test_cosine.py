@@ -108,9 +108,12 @@ def test_index_cache_keeps_every_part(tmp_path: Path, monkeypatch: pytest.Monkey
     original = SearchIndex("db:7:token", [CodedGroup(1, coded, ids)], None, np.empty(0, np.int64))
     save_cache(original, tmp_path / "db.index")
     expected = {1: (1200, 16)}
-    assert load_cache(tmp_path / "db.index", "db:8:other", expected) is None  # stale tag
-    assert load_cache(tmp_path / "db.index", "db:7:token", {1: (1199, 16)}) is None  # store holds other rows
-    assert load_cache(tmp_path / "db.index", "db:7:token", {2: (1200, 16)}) is None  # another codec
+    assert load_cache(tmp_path / "db.index", "other:7:token", expected) is None  # another database's
+    assert load_cache(tmp_path / "db.index", "db:7:token", {1: (1199, 16)}) is None  # more rows than the store
+    assert load_cache(tmp_path / "db.index", "db:7:token", {2: (1200, 16)}) is None  # a codec not stored
+    assert load_cache(tmp_path / "db.index", "db:7:token", {1: (1200, 8)}) is None  # another dimension
+    earlier = load_cache(tmp_path / "db.index", "db:8:other", expected)  # an earlier state: read, tagged
+    assert earlier is not None and earlier.tag == "db:7:token" and earlier.changes_seq == -1
     loaded = load_cache(tmp_path / "db.index", "db:7:token", expected)
     assert loaded is not None
     restored = SearchIndex("db:7:token", loaded.groups, None, np.empty(0, np.int64))

@@ -390,3 +390,31 @@ def test_an_error_every_image_meets_still_stops_the_ingest(tmp_path: Path) -> No
     write_colour_images(tmp_path / "images", per_colour=1)
     with pytest.raises(RuntimeError, match="CUDA out of memory"):
         semdb.connect(tmp_path / "db.semdb", encoder=BrokenEncoder(), bits=16).ingest(tmp_path / "images")
+
+
+def test_an_open_reader_sees_every_commit_of_another_process_and_skips_the_check_when_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_colour_images(tmp_path / "a", per_colour=3, seed=1)
+    write_colour_images(tmp_path / "b", per_colour=3, seed=2)
+    path = tmp_path / "db.semdb"
+    with semdb.connect(path, encoder=FakeEncoder(), bits=16) as writer:
+        writer.ingest(tmp_path / "a", train_size=8)
+    reader = semdb.connect(path, encoder=FakeEncoder())
+    first = reader.index()
+    assert reader.index() is first and first.size == 15
+    # Another process (a subprocess here, so truly another SQLite connection and process) commits.
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[3]); import semdb; from conftest import FakeEncoder; "
+        "semdb.connect(sys.argv[1], encoder=FakeEncoder()).ingest(sys.argv[2])"
+    )
+    tests = str(Path(__file__).parent)
+    subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "b"), tests], check=True)
+    assert reader.index().size == 30  # data_version moved: the reader looked, and caught up
+    # Nothing committed since: no transaction is even begun for the freshness check.
+    assert reader.store is not None
+    began: list[int] = []
+    event.listen(reader.store.engine, "begin", lambda connection: began.append(1))
+    again = reader.index()
+    assert again.size == 30 and not began
+    reader.close()

@@ -28,7 +28,7 @@ from semdb.codecs import Codec
 from semdb.codecs.base import DECODE_CHUNK
 from semdb.cosine import CosineIndex, inverse_norms
 from semdb.errors import DatabaseDamagedError
-from semdb.index.cache import load_cache, load_earlier_cache, save_cache
+from semdb.index.cache import load_cache, save_cache
 from semdb.index.fastscan import FastScan, four_bit_layout
 from semdb.index.lists import lists_from_bytes
 from semdb.index.search_index import CodedGroup, SearchIndex, flat_index, rows_of
@@ -334,6 +334,13 @@ def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_code
         group.fast = fast_scan(codec, group.ids, codes, norms, group.lists, coarse)
 
 
+def _codec_of(repository: Repository, codec_id: int, load_codec: Callable[[CodecRow], Codec]) -> Codec:
+    row = repository.codec(codec_id)
+    if row is None:
+        raise DatabaseDamagedError("the database is damaged: codes refer to a codec that is not stored")
+    return load_codec(row)
+
+
 def current_index(
     store: Store,
     previous: SearchIndex | None,
@@ -362,31 +369,26 @@ def current_index(
             if caught is not None:
                 index = SearchIndex(tag, caught, flat_index(staged), staged_ids, seq, previous.cache_seq)
                 return _saved(index, store, cache_file)
-        counts = repository.coded_counts()
-        stored = {codec_id: repository.codec(codec_id) for codec_id in counts}
-        codec_rows = {codec_id: row for codec_id, row in stored.items() if row is not None}
-        if len(codec_rows) != len(counts):
-            raise DatabaseDamagedError(f"{store.location} is damaged: codes refer to a codec that is not stored")
-        expected = {codec_id: (count, codec_rows[codec_id].dim) for codec_id, count in counts.items()}
-
-        def codec_of(codec_id: int) -> Codec:
-            row = codec_rows.get(codec_id) or repository.codec(codec_id)
-            if row is None:
-                raise DatabaseDamagedError(f"{store.location} is damaged: codes refer to a codec that is not stored")
-            return load_codec(row)
-
-        cached = load_cache(cache_file, tag, expected) if cache_file is not None else None
-        if cached is not None:
-            _with_fast_scans(repository, cached.groups, codec_of)
-            return SearchIndex(tag, cached.groups, flat_index(staged), staged_ids, seq, cached.changes_seq)
-        earlier = load_earlier_cache(cache_file, tag, expected) if cache_file is not None and previous is None else None
+        # A cache of this database, of this state or an earlier one: sized by the largest image id
+        # (not a count of the codes, which reads them all), its codecs among those stored.
+        dims = repository.codec_dims()
+        bound = repository.largest_image_id()
+        loose = {codec_id: (bound, dim) for codec_id, dim in dims.items()}
+        earlier = load_cache(cache_file, tag, loose) if cache_file is not None and previous is None else None
         if earlier is not None:
-            _with_fast_scans(repository, earlier.groups, codec_of)
+            _with_fast_scans(repository, earlier.groups, lambda codec_id: _codec_of(repository, codec_id, load_codec))
+            if earlier.tag == tag:
+                return SearchIndex(tag, earlier.groups, flat_index(staged), staged_ids, seq, earlier.changes_seq)
             earlier_index = SearchIndex(earlier.tag, earlier.groups, None, np.empty(0, np.int64), earlier.changes_seq)
             caught = _caught_up(repository, earlier_index, load_codec)
             if caught is not None:
                 index = SearchIndex(tag, caught, flat_index(staged), staged_ids, seq, earlier.changes_seq)
                 return _saved(index, store, cache_file)
+        counts = repository.coded_counts()
+        stored = {codec_id: repository.codec(codec_id) for codec_id in counts}
+        codec_rows = {codec_id: row for codec_id, row in stored.items() if row is not None}
+        if len(codec_rows) != len(counts):
+            raise DatabaseDamagedError(f"{store.location} is damaged: codes refer to a codec that is not stored")
         read = {
             codec_id: _read_group(repository, row, counts[codec_id], store.location)
             for codec_id, row in codec_rows.items()

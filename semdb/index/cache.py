@@ -1,11 +1,13 @@
 """The index cache file ``<database>.index``: written atomically, trusted only when everything matches.
 
-The file is an uncompressed ``.npz`` archive. It is used only if its tag equals the store's
-(database id, generation and random change token — see
-:meth:`~semdb.store.repository.Repository.record_change`), its sha256 checksum matches, and every
-array has the shape the store implies; anything else — missing, truncated, altered, another
-database's, built before a restore — makes the caller rebuild it. It is read without numpy's
-pickle support and without trusting the array headers for allocation sizes.
+The file is an uncompressed ``.npz`` archive. It is read only if it is this database's (same
+database id), its sha256 checksum matches, and every array has a shape the store allows; it is
+used as it is only if its tag equals the store's (database id, generation and random change token
+— see :meth:`~semdb.store.repository.Repository.record_change`), and otherwise only caught up from
+the change log from a state the log vouches for (:mod:`semdb.index.build`). Anything else —
+missing, truncated, altered, another database's, built before a restore — makes the caller rebuild
+it. It is read without numpy's pickle support and without trusting the array headers for
+allocation sizes.
 """
 
 from __future__ import annotations
@@ -127,29 +129,19 @@ class CachedIndex:
 
 
 def load_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> CachedIndex | None:
-    """The cache if ``path`` holds a trustworthy one for this very store state; else None.
-
-    ``expected``: codec id → ``(rows, dim)``: how many indexed images the store holds coded by
-    that codec, and the codec's dimension. A missing, unreadable, stale, foreign, altered or
-    mis-shaped cache is not an error: the caller rebuilds it.
-    """
-    return _load(path, expected, lambda stored: stored == tag, exact_rows=True)
-
-
-def load_earlier_cache(path: Path, tag: str, expected: dict[int, tuple[int, int]]) -> CachedIndex | None:
     """The cache of any state of the same database (same database id), intact and well-formed, or
-    None: a starting point that :func:`semdb.index.build.current_index` catches up from the change
-    log or reconciles row by row with the store (never trusted as is).
+    None (missing, unreadable, foreign, altered, mis-shaped: not an error, the caller rebuilds).
+    :func:`semdb.index.build.current_index` uses it as it is if its tag is the store's, else catches
+    it up from the change log or reconciles it row by row with the store.
 
-    ``expected`` bounds the file's size and gives each codec's dimension; rows may differ.
+    ``expected``: codec id → ``(rows, dim)``: a bound on the rows (it bounds the file's size) and
+    each stored codec's dimension.
     """
     database_id = tag.split(":", 1)[0]
     return _load(path, expected, lambda stored: bool(database_id) and stored.split(":", 1)[0] == database_id)
 
 
-def _load(
-    path: Path, expected: dict[int, tuple[int, int]], tag_ok: Callable[[str], bool], exact_rows: bool = False
-) -> CachedIndex | None:
+def _load(path: Path, expected: dict[int, tuple[int, int]], tag_ok: Callable[[str], bool]) -> CachedIndex | None:
     rows_expected = sum(rows for rows, _ in expected.values())
     try:
         arrays = _read_npz(path, rows_expected * MAX_BYTES_PER_ROW + FIXED_ALLOWANCE_BYTES)
@@ -167,13 +159,11 @@ def _load(
         codec_ids = [int(codec_id) for codec_id in arrays["codec_ids"]]
         if len(set(codec_ids)) != len(codec_ids) or not set(codec_ids) <= set(expected):
             return None
-        if exact_rows and sorted(codec_ids) != sorted(expected):
-            return None
         seq = arrays["changes_seq"].tolist()
         if len(seq) != 1 or seq[0] < -1:
             return None
         groups = [
-            _group(arrays, number, codec_id, expected[codec_id][0] if exact_rows else None, expected[codec_id][1])
+            _group(arrays, number, codec_id, expected[codec_id][0], expected[codec_id][1])
             for number, codec_id in enumerate(codec_ids)
         ]
         return CachedIndex(stored_tag, int(seq[0]), groups)
@@ -181,12 +171,14 @@ def _load(
         return None
 
 
-def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, rows: int | None, dim: int) -> CodedGroup:
-    """One coded group from the cache's arrays; ValueError when a shape disagrees with the store
-    (``rows``: the rows the store holds; None: as many as the cache says, for an earlier state)."""
+def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, most_rows: int, dim: int) -> CodedGroup:
+    """One coded group from the cache's arrays; ValueError when its shapes disagree with each other,
+    with the codec's dimension ``dim``, or hold more than ``most_rows`` rows."""
     prefix = f"g{number}_"
     ids = arrays[prefix + "ids"].astype(np.int64)
-    rows = len(ids) if rows is None else rows
+    rows = len(ids)
+    if rows > most_rows:
+        raise ValueError("cache holds more rows than the store")
     if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
         raise ValueError("cache ids are not sorted")
     sizes = arrays[prefix + "part_sizes"].astype(np.int64)

@@ -19,6 +19,7 @@ full fast scan. Restrictions (``allowed`` image ids) run inside the scan as an `
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,9 +100,10 @@ def four_bit_layout(codec: Codec) -> FourBitLayout | None:
     fast-scan kernels take 4-bit words only.
     """
     from semdb.codecs.faiss_codecs import FaissCodec
-    from semdb.codecs.pqvae import PQVAECodec, ShiftedLinear
     from semdb.codecs.query_weighted import QueryWeightedCodec
 
+    # semdb.codecs.pqvae imports torch (seconds, cold): a PQVAECodec exists only once it is imported.
+    pqvae = sys.modules.get("semdb.codecs.pqvae")
     if isinstance(codec, QueryWeightedCodec):
         base = four_bit_layout(codec.base)
         if base is None:
@@ -109,9 +111,9 @@ def four_bit_layout(codec: Codec) -> FourBitLayout | None:
         inverse = codec.inverse.astype(np.float32)
         matrix = inverse if base.matrix is None else base.matrix @ inverse
         return FourBitLayout(np.ascontiguousarray(matrix, dtype=np.float32), base.centroids, base.high_first)
-    if isinstance(codec, PQVAECodec):
+    if pqvae is not None and isinstance(codec, pqvae.PQVAECodec):
         config, decoder = codec.model.config, codec.model.decoder
-        if not isinstance(decoder, ShiftedLinear) or config.codebook_bits != WORD_BITS:
+        if not isinstance(decoder, pqvae.ShiftedLinear) or config.codebook_bits != WORD_BITS:
             return None
         weight = decoder.linear.weight.detach().numpy()  # (d, m): the decoder's output is W (ẑ + β)
         shift = decoder.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)

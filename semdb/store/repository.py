@@ -115,6 +115,8 @@ _IMAGE_COLUMNS = (
     ImageRecord.status,
     ImageRecord.error,
 )
+# Built once: asked after every search, where building the statement cost as much as running it.
+_PATHS_OF_IDS = select(ImageRecord.id, ImageRecord.path).where(ImageRecord.id.in_(bindparam("ids", expanding=True)))
 _CODEC_COLUMNS = (
     CodecRecord.id,
     CodecRecord.name,
@@ -186,7 +188,7 @@ class Repository:
         low, high = self.connection.execute(select(func.min(IndexChange.seq), func.max(IndexChange.seq))).one()
         if low is None:
             return
-        keep = max(CHANGE_LOG_MIN_ROWS, int(self.connection.scalar(select(func.max(ImageRecord.id))) or 0) // 10)
+        keep = max(CHANGE_LOG_MIN_ROWS, self.largest_image_id() // 10)
         if high - low + 1 > 2 * keep:
             # Always a prefix (the oldest rows): a state's marker still logged means every later change is.
             self.connection.execute(delete(IndexChange).where(IndexChange.seq <= high - keep))
@@ -286,6 +288,14 @@ class Repository:
     def codec_count(self) -> int:
         """How many codecs were ever stored."""
         return int(self.connection.scalar(select(func.count()).select_from(CodecRecord)) or 0)
+
+    def codec_dims(self) -> dict[int, int]:
+        """codec id → its embedding dimension, for every stored codec (no states read)."""
+        return {int(i): int(d) for i, d in self.connection.execute(select(CodecRecord.id, CodecRecord.dim))}
+
+    def largest_image_id(self) -> int:
+        """The largest image record id (0 when none): a bound on how many images are indexed, read in O(1)."""
+        return int(self.connection.scalar(select(func.max(ImageRecord.id))) or 0)
 
     # --- codec reports (issue 11): why a codec was chosen, and its fidelity, as JSON ---------------
 
@@ -422,8 +432,8 @@ class Repository:
         wanted = sorted(set(image_ids))
         found: dict[int, str] = {}
         for chunk in _chunks(wanted):
-            statement = select(ImageRecord.id, ImageRecord.path).where(ImageRecord.id.in_(chunk))
-            found.update((int(image_id), display_path(path)) for image_id, path in self.connection.execute(statement))
+            rows = self.connection.execute(_PATHS_OF_IDS, {"ids": list(chunk)})
+            found.update((int(image_id), display_path(path)) for image_id, path in rows)
         return found
 
     def skipped(self) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ import contextlib
 import os
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -129,6 +130,8 @@ class Store:
         self.lock_timeout = DEFAULT_LOCK_TIMEOUT_SECONDS
         # Told (once per transaction) when a writer has queued for the lock longer than WAIT_NOTICE_SECONDS.
         self.on_wait: Callable[[str], None] | None = None
+        self._version_connection: sqlite3.Connection | None = None
+        self._version_lock = threading.Lock()
 
     @property
     def dialect(self) -> str:
@@ -390,8 +393,25 @@ class Store:
                 driver.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         return True
 
+    def data_version(self) -> int | None:
+        """A number that changes whenever a commit reaches the database file, from this process or
+        another: SQLite's ``PRAGMA data_version`` (microseconds, no transaction), asked on a connection
+        kept for nothing else, so that every commit is another connection's. None on PostgreSQL
+        (no such counter: ask the store)."""
+        if self.path is None:
+            return None
+        with self._version_lock, self._translated():
+            if self._version_connection is None:
+                self._version_connection = _connect_sqlite(self.path, read_only=True)
+            row = self._version_connection.execute("PRAGMA data_version").fetchone()
+            return int(row[0])
+
     def close(self) -> None:
         """Release the connections."""
+        with self._version_lock:
+            if self._version_connection is not None:
+                self._version_connection.close()
+                self._version_connection = None
         self.engine.dispose()
 
 
