@@ -110,6 +110,24 @@ def test_fast_scan_reranks_exactly(
     np.testing.assert_array_equal(restricted, brute_force(codec, codes[keep], ids[keep], queries, 10))
 
 
+@pytest.mark.parametrize("name", ["pcapq", "pq-4bit", "pqvae-pca", "weighted pqvae-pca"])
+def test_the_layout_gives_the_norms_of_what_is_scored(name: str, data: tuple[np.ndarray, np.ndarray]) -> None:
+    x, queries = data
+    if name == "weighted pqvae-pca":
+        codec = train_codec("pqvae-pca", x, 64, queries=queries, steps=0)
+    elif name == "pqvae-pca":
+        codec = train_codec("pqvae-pca", x, 64)
+    else:
+        codec = CODECS[name](x)
+    layout = four_bit_layout(codec)
+    assert layout is not None
+    codes = codec.encode(x[:500])
+    # The table sum (orthonormal rows) or the Gram form, never a decode: the same 1/‖x̂‖ as decoding.
+    np.testing.assert_allclose(
+        layout.inverse_norms(codes, chunk=128), inverse_norms(codec.scored_vectors(codes)), rtol=2e-5
+    )
+
+
 def test_eight_bit_words_have_no_fast_layout(data: tuple[np.ndarray, np.ndarray]) -> None:
     assert four_bit_layout(CODECS["pq-8bit"](data[0])) is None
     assert four_bit_layout(CODECS["pq-4bit"](data[0])) is not None

@@ -132,9 +132,13 @@ def _read_group(repository: Repository, row: CodecRow, count: int, location: str
 
 
 def _norms(codec: Codec, codes: np.ndarray) -> np.ndarray | None:
-    """``1/‖x̂‖`` of ``codes`` as :meth:`Codec.cosine_index` computes them (None: unit vectors)."""
+    """``1/‖x̂‖`` of ``codes`` as :meth:`Codec.cosine_index` computes them (None: unit vectors); from
+    the codec's 4-bit layout where it has one (no decoding: the costly part of a full build)."""
     if codec.scores_unit_vectors:
         return None
+    layout = four_bit_layout(codec)
+    if layout is not None:
+        return layout.inverse_norms(codes)
     chunks = [
         inverse_norms(codec.scored_vectors(codes[i : i + DECODE_CHUNK])) for i in range(0, len(codes), DECODE_CHUNK)
     ]

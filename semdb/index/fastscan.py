@@ -74,6 +74,33 @@ class FourBitLayout:
         """``(n, M/2)`` uint8 codes in FAISS's order → ``(n, M)`` word indices."""
         return np.stack([codes & 0x0F, codes >> 4], axis=2).reshape(len(codes), -1)
 
+    def inverse_norms(self, codes: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+        """``(n, M/2)`` uint8 codes (the codec's own order) → ``(n,)`` float32 ``1/‖matrixᵀ r(code)‖``
+        (0 for a zero vector): the norm of what is scored, without decoding to ``d`` dimensions.
+
+        With orthonormal rows (or no matrix) it is ``Σ_m ‖centroid_m‖²`` read from a ``(M, 16)``
+        table; otherwise ``rᵀ G r`` with the ``(m, m)`` Gram matrix ``G = matrix · matrixᵀ``.
+        """
+        words = self.words
+        squares = None
+        gram = None
+        if self.matrix is None or np.allclose(self.matrix @ self.matrix.T, np.eye(len(self.matrix)), atol=1e-5):
+            squares = (self.centroids.astype(np.float64) ** 2).sum(axis=2)  # (M, 16)
+        else:
+            gram = (self.matrix.astype(np.float64) @ self.matrix.T.astype(np.float64)).astype(np.float32)
+        out = np.empty(len(codes), np.float32)
+        offsets = np.arange(words) * WORDS
+        for start in range(0, len(codes), chunk):
+            part = self.words_of(self.faiss_order(codes[start : start + chunk])).astype(np.int64)  # (c, M)
+            if squares is not None:
+                total = squares.ravel()[part + offsets].sum(axis=1)
+            else:
+                r = self.centroids[np.arange(words), part].reshape(len(part), -1)  # (c, m)
+                total = np.einsum("ij,ij->i", r @ gram, r, dtype=np.float64)
+            norms = np.sqrt(np.maximum(total, 0.0))
+            out[start : start + len(part)] = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+        return out
+
 
 def _linear_chain(index: Any) -> tuple[np.ndarray | None, Any]:
     """``index`` with its pre-transforms peeled off: ``(their product (m, d) or None, inner index)``.
