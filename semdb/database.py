@@ -289,29 +289,33 @@ class Database:
         if fidelity is not None and self._wanted["bits_per_image"] is not None:
             raise InvalidArgumentError("--fidelity F chooses the rate: give it with --bits auto, not --bits N")
         roots = resolve_roots(paths)
-        encoder = self.encoder
-        shipped = self._shipped_codec(codec_file, encoder) if codec_file is not None else None
+        # A database that records its model and dimension needs the model only for files to encode:
+        # it is loaded (and its dimension checked) when the first one is found, so that a run over
+        # unchanged files never loads it. A new database, a codec file or Ray need it now.
+        recorded_dim = self._recorded_dim()
+        deferred = self._encoder is None and recorded_dim is not None and codec_file is None and ray is False
+        encoder = None if deferred else self.encoder
+        spec, dim = (self.model_spec, recorded_dim) if encoder is None else (encoder.spec, encoder.dim)
+        assert dim is not None
+        shipped = self._shipped_codec(codec_file, encoder) if codec_file is not None and encoder is not None else None
         bits = self._wanted["bits_per_image"]
-        if bits is not None and int(bits) > 8 * encoder.dim:
+        if bits is not None and int(bits) > 8 * dim:
             raise InvalidArgumentError(
-                f"--bits {bits} is more than {encoder.spec}'s {encoder.dim}-d embeddings can use "
-                f"(at most {8 * encoder.dim}, one byte per dimension)"
+                f"--bits {bits} is more than {spec}'s {dim}-d embeddings can use "
+                f"(at most {8 * dim}, one byte per dimension)"
             )
         store = self._writable_store()
         with store.writing() as repository:
             to_record = self._check_binding(repository)
             settings = repository.settings()
             stored_dim = repository.int_setting("dim")
-            if stored_dim is not None and stored_dim != encoder.dim:
-                raise ModelMismatchError(
-                    f"model {encoder.spec} gives {encoder.dim}-d embeddings; database {self.location} holds "
-                    f"{stored_dim}-d ones"
-                )
+            if stored_dim is not None and stored_dim != dim:
+                raise self._dim_mismatch(spec, dim, stored_dim)
             stored_bits = repository.int_setting("bits_per_image")
             if "model" not in settings:
-                to_record["model"] = encoder.spec
+                to_record["model"] = spec
             if "dim" not in settings:
-                to_record["dim"] = str(encoder.dim)
+                to_record["dim"] = str(dim)
             if to_record:
                 repository.set_settings(to_record)
             settings.update(to_record)
@@ -321,10 +325,17 @@ class Database:
             int(to_record.get("bits_per_image") or stored_bits or 0) or None,
             shipped,
         )
-        writer = self.batch_writer(choice, train_size=train_size, report=report, fidelity=fidelity)
+        writer = self.batch_writer(choice, train_size=train_size, report=report, dim=dim, fidelity=fidelity)
         if ray is not False:
             return self._ingest_on_ray(roots, writer, ray, actors, prune, progress, batch_size, train_size, max_pixels)
-        ingestor = Ingestor(store, encoder, writer, batch_size=batch_size, max_pixels=max_pixels)
+
+        def load_encoder() -> Encoder:
+            loaded = self.encoder
+            if loaded.dim != dim:
+                raise self._dim_mismatch(loaded.spec, loaded.dim, dim)
+            return loaded
+
+        ingestor = Ingestor(store, encoder or load_encoder, writer, batch_size=batch_size, max_pixels=max_pixels)
         if not progress:
             ingestor.run(roots, prune=prune)
         else:
@@ -333,6 +344,20 @@ class Database:
             with ingest_progress() as (advance, set_total):
                 ingestor.run(roots, prune=prune, progress=advance, set_total=set_total)
         return report
+
+    def _recorded_dim(self) -> int | None:
+        """The embedding dimension the database records with its model, if it records both."""
+        if self._store is None:
+            return None
+        with self._store.reading() as repository:
+            if repository.setting("model") is None:
+                return None
+            return repository.int_setting("dim")
+
+    def _dim_mismatch(self, spec: str, dim: int, stored_dim: int) -> ModelMismatchError:
+        return ModelMismatchError(
+            f"model {spec} gives {dim}-d embeddings; database {self.location} holds {stored_dim}-d ones"
+        )
 
     def batch_writer(
         self,

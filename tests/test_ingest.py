@@ -14,6 +14,7 @@ from conftest import COLOURS, FakeEncoder, write_colour_images
 from PIL import Image
 
 import semdb
+import semdb.database
 from semdb.codecs import Codec, load_codec
 from semdb.errors import DatabaseNotFoundError, InvalidArgumentError, ModelMismatchError, NotReadyError
 from semdb.index import cache_path
@@ -70,6 +71,49 @@ def test_second_run_skips_unchanged_files_without_encoding(
     os.utime(touched, ns=(1, 1))
     report = db.ingest([folder])
     assert (report.unchanged, report.updated, encoder.images_encoded) == (len(labels), 0, encoded)
+
+
+def test_unchanged_folder_loads_neither_model_nor_codec(
+    tmp_path: Path, colour_folder: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, labels = colour_folder
+    db_path = tmp_path / "db.semdb"
+    semdb.connect(db_path, encoder=FakeEncoder(), bits=32).ingest([folder])
+    loaded: list[str] = []
+    codecs_loaded: list[str] = []
+    real_load_codec = semdb.database.load_codec
+
+    def load_encoder(spec: str, device: str | None = None) -> FakeEncoder:
+        loaded.append(spec)
+        return FakeEncoder()
+
+    def load_codec(name: str, state: bytes, **options: object) -> Codec:
+        codecs_loaded.append(name)
+        return real_load_codec(name, state, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(semdb.database, "load_encoder", load_encoder)
+    monkeypatch.setattr(semdb.database, "load_codec", load_codec)
+    # As the CLI opens it: by path, the model named by the database, not loaded yet.
+    report = semdb.connect(db_path).ingest([folder])
+    assert (report.unchanged, report.added, loaded, codecs_loaded) == (len(labels), 0, [], [])
+
+    # A new file: the model is loaded (once) to encode it, and the codec to code it.
+    Image.new("RGB", (24, 24), COLOURS["red"]).save(folder / "red_new.png")
+    report = semdb.connect(db_path).ingest([folder])
+    assert (report.added, report.unchanged, loaded, codecs_loaded) == (1, len(labels), ["fake-encoder"], ["pq"])
+
+
+def test_model_loaded_late_is_still_checked_against_the_database(
+    tmp_path: Path, colour_folder: tuple[Path, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder, labels = colour_folder
+    db_path = tmp_path / "db.semdb"
+    semdb.connect(db_path, encoder=FakeEncoder(), bits=32).ingest([folder])
+    monkeypatch.setattr(semdb.database, "load_encoder", lambda spec, device=None: FakeEncoder(dim=16))
+    Image.new("RGB", (24, 24), COLOURS["red"]).save(folder / "red_new.png")
+    with pytest.raises(ModelMismatchError, match=r"gives 16-d embeddings; database .* holds 32-d ones"):
+        semdb.connect(db_path).ingest([folder])
+    assert semdb.connect(db_path).stats().images == len(labels)
 
 
 def test_same_content_under_a_second_path_is_not_encoded_twice(

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 
@@ -76,22 +76,41 @@ class Ingestor:
     def __init__(
         self,
         store: Store,
-        encoder: Encoder,
+        encoder: Encoder | Callable[[], Encoder],
         writer: BatchWriter,
         *,
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_pixels: int,
     ) -> None:
+        """``encoder``: the model, or a function that loads it — called once, when the first file
+        needs reading, so that a run over unchanged files never loads the model."""
         self.store = store
-        self.encoder = encoder
+        self._encoder: Encoder | None = None
+        self._load_encoder: Callable[[], Encoder] | None = None
+        if callable(getattr(encoder, "encode_images", None)):
+            self._encoder = cast(Encoder, encoder)
+        else:
+            self._load_encoder = cast(Callable[[], Encoder], encoder)
         self.writer = writer
         self.report = writer.report
         self.batch_size = batch_size
         self.max_pixels = max_pixels
-        # JPEGs can be decoded straight at a fraction of their size (DCT scaling); twice the model's
-        # input side keeps the resize that follows as sharp as from the full image.
-        input_side = getattr(encoder, "image_size", None)
-        self.min_side = 2 * input_side if isinstance(input_side, int) else None
+
+    @property
+    def encoder(self) -> Encoder:
+        """The model (loaded on first use)."""
+        if self._encoder is None:
+            assert self._load_encoder is not None
+            self._encoder = self._load_encoder()
+        return self._encoder
+
+    @property
+    def min_side(self) -> int | None:
+        """The side JPEGs are decoded at, at least: they can be decoded straight at a fraction of their
+        size (DCT scaling); twice the model's input side keeps the resize that follows as sharp as
+        from the full image."""
+        input_side = getattr(self.encoder, "image_size", None)
+        return 2 * input_side if isinstance(input_side, int) else None
 
     def run(
         self,

@@ -144,10 +144,14 @@ class BatchWriter:
         self.codec, self.codec_id = codec, codec_id
 
     def finish_training(self) -> None:
-        """Train the codec on whatever is staged, unless one exists (trained here or by another writer)."""
+        """Train the codec on whatever is staged, unless one exists (trained here or by another writer).
+        With nothing staged there is nothing to do, and the codec is not loaded (an ingest that found
+        nothing new needs no codec)."""
         with self.store.writing() as repository:
+            if not repository.staged_count():
+                return
             self._adopt(repository)
-            if self.codec is None and repository.staged_count():
+            if self.codec is None:
                 self._train_staged(repository)
 
     # --- batches ----------------------------------------------------------------------------------
