@@ -10,7 +10,8 @@ on the first ``--train`` of them), then, one thread:
   catches up), and the first search of a fresh process-level connection whose cache is one
   change behind (caught up from the earlier cache);
 * ``Database.search_vectors`` latency, default (fast scan + exact re-rank) and ``exact=True``,
-  with 10-recall@10 of the default against the exact answer;
+  with 10-recall@10 of the default against the exact answer, and the default again alone, through
+  the Database and on the index itself (what the Database adds per query);
 * the open index's resident bytes per item, by component.
 
     python benchmarks/scale_db.py              # 1M; ~10 min on 2 shared cores
@@ -116,6 +117,16 @@ def main() -> None:
                 exact_walls.append(time.perf_counter() - wall)
                 fast_ids.append([hit.id for hit in hits])
                 exact_ids.append([hit.id for hit in truth])
+            # The same fast searches again, not interleaved with exact ones (whose scan evicts the
+            # caches), through the Database and on the index alone: what the Database adds.
+            alone: dict[str, list[float]] = {"Database.search_vectors": [], "SearchIndex.search": []}
+            for query in queries:
+                cpu = time.thread_time()
+                db.search_vectors(query[None, :], k=K)
+                alone["Database.search_vectors"].append(time.thread_time() - cpu)
+                cpu = time.thread_time()
+                index.search(query[None, :], K)
+                alone["SearchIndex.search"].append(time.thread_time() - cpu)
             run = time.time_ns()  # new paths and vectors each run, so that a --reuse run adds new images
             extra = synthetic(1000, centres, 1.0, scales, np.random.default_rng(run % 2**32))
             extra_paths = [f"/synthetic/extra-{run}-{i}.jpg" for i in range(1000)]
@@ -158,6 +169,11 @@ def main() -> None:
                 1.0,
             ],
         ],
+    )
+    print_table(
+        "Default search not interleaved with exact ones, one query at a time (ms CPU)",
+        ["search", "p50 CPU", "p99 CPU"],
+        [[name, percentile_ms(times, 50), percentile_ms(times, 99)] for name, times in alone.items()],
     )
     n = index.size
     print_table(

@@ -1,14 +1,26 @@
-"""Building the search index from the store, through the cache when it can be trusted, catching up otherwise.
+"""Building the search index from the store: caught up from the change log where it can be, built otherwise.
 
-An index of the store's exact state (same tag) is used as it is: the one in memory, else the cache
-file. Otherwise the codes are streamed from the store in chunks straight into numpy
-(:meth:`~semdb.store.repository.Repository.coded_chunks`) and reconciled with the index of an
-earlier state of the same database — the one in memory, else an earlier cache file — row by row:
-an image whose id and code bytes are unchanged keeps its ``1/‖x̂‖`` (the costly part: decoding its
-code), every other row is (re)computed, and rows gone from the store go. The result holds exactly
-the store's ``(image id, code)`` pairs whatever the earlier index was, so a stale cache can only
-save work, never change an answer. The fast scan is appended to and masked in place when few rows
-changed, rebuilt otherwise.
+In the order :func:`current_index` tries them:
+
+1. The open index, if the store's state tag is its own (SQLite: :meth:`Store.data_version` says no
+   commit happened, and not even a transaction is begun — see :meth:`semdb.database.Database.index`).
+2. The open index caught up from the change log (revision 0005): the log, written by triggers in the
+   same transactions as the changes, names every image whose row changed since the seq the index
+   covers; only those rows are read, kept rows keep their place and ``1/‖x̂‖``, and nothing of the
+   other million is sorted or decoded. Allowed only when the log still holds the marker of the
+   state the index was built from (trimmed logs and restored backups do not), and when fewer than
+   :data:`CATCH_UP_FRACTION` of its rows changed.
+3. The cache file, if its tag is the store's; else the cache file caught up from the log as in 2.
+4. Everything streamed from the store in chunks straight into numpy
+   (:meth:`~semdb.store.repository.Repository.coded_chunks`) and reconciled row by row with the
+   earlier index in memory or in the cache: an image whose id and code are unchanged keeps its
+   ``1/‖x̂‖``, every other row is (re)computed. The result holds exactly the store's
+   ``(image id, code)`` pairs whatever the earlier index was.
+
+So a stale cache can only save work, never change an answer. ``1/‖x̂‖`` comes from the codec's 4-bit
+layout (a table sum) where it has one, else from decoding. The fast scan is appended to and masked
+in place when few rows changed, rebuilt otherwise; the cache file is rewritten when the index was
+built anew or has moved :data:`CACHE_REWRITE_MIN_CHANGES` logged changes past it.
 """
 
 from __future__ import annotations
