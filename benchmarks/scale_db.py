@@ -46,12 +46,15 @@ def index_bytes(index: SearchIndex) -> dict[str, int]:
     """Resident bytes of the open index by component (arrays and FAISS-held codes)."""
     parts: dict[str, int] = {"exact scan codes": 0, "exact scan rows + 1/norm": 0, "ids + lists": 0, "fast scan": 0}
     for group in index.coded:
-        for part in group.index.parts:
+        for part in group.index.parts if group.index is not None else []:  # None: built on the first exact search
             parts["exact scan codes"] += part.index.ntotal * part.index.sa_code_size()
             parts["exact scan rows + 1/norm"] += part.rows.nbytes + (
                 part.inverse_norms.nbytes if part.inverse_norms is not None else 0
             )
-        parts["ids + lists"] += group.ids.nbytes + (group.lists.nbytes if group.lists is not None else 0)
+        shared = group.fast is not None and group.fast.ids is group.ids  # counted once, in the fast scan
+        parts["ids + lists"] += (0 if shared else group.ids.nbytes) + (
+            group.lists.nbytes if group.lists is not None else 0
+        )
         if group.fast is not None:
             parts["fast scan"] += group.fast.nbytes()
     return parts

@@ -319,7 +319,7 @@ def run_database(
 
         db = connect(path)
         index = db.index()
-        raw = index.coded[0].index  # the one codec's CosineIndex
+        raw = index.coded[0].exact_index()  # the one codec's CosineIndex
         timings: dict[str, list[float]] = {"raw": [], "api": []}
         for q in queries[:3]:
             db.search_vectors(q[None, :], K)

@@ -14,7 +14,6 @@ import pytest
 
 import semdb
 from semdb.index import SearchIndex, build, cache_path
-from semdb.index.build import group_arrays
 from semdb.store import repository as repository_module
 
 
@@ -45,7 +44,7 @@ def contents(index: SearchIndex) -> dict[int, tuple[list[int], bytes]]:
     """codec id → (image ids, code bytes in id order): what an index holds, to compare two."""
     held = {}
     for group in index.coded:
-        codes, _ = group_arrays(group.index)
+        codes, _ = group.arrays()
         held[group.codec_id] = (group.ids.tolist(), codes.tobytes())
         if group.fast is not None:
             assert group.fast.ids.tolist() == group.ids.tolist()
@@ -108,6 +107,8 @@ def test_every_change_is_logged_and_the_open_index_catches_up_from_the_log(
             step()
             index = db.index()
             assert index.changes_seq > start
+            # One copy of the codes: the fast scan's; the exact scan is built when an exact search asks.
+            assert index.coded[0].fast is not None and index.coded[0].index is None
             assert_same(index, rebuilt(path), queries)
         assert len(small_thresholds) == reads_before + len(steps)  # rebuilt() reads; the open index never did
         with db.store.reading() as repository:

@@ -31,9 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-import faiss
 import numpy as np
 
 from semdb.codecs import Codec
@@ -43,7 +41,7 @@ from semdb.errors import DatabaseDamagedError
 from semdb.index.cache import load_cache, save_cache
 from semdb.index.fastscan import FastScan, four_bit_layout
 from semdb.index.lists import lists_from_bytes
-from semdb.index.search_index import CodedGroup, SearchIndex, flat_index, rows_of
+from semdb.index.search_index import CodedGroup, SearchIndex, cosine_arrays, flat_index, rows_of
 from semdb.store import CodecRow, Repository, Store
 
 # Below this many codes a group keeps only the exact scan: it takes about as long as the fast scan's
@@ -76,20 +74,7 @@ class StoredGroup:
 
 def group_arrays(cosine: CosineIndex) -> tuple[np.ndarray, np.ndarray | None]:
     """``(codes (n, code_size) uint8, inverse norms (n,) float32 or None)`` of a cosine index, by row."""
-    n = cosine.ntotal
-    codes: np.ndarray | None = None
-    norms = None if cosine.parts and cosine.parts[0].inverse_norms is None else np.ones(n, np.float32)
-    for part in cosine.parts:
-        inner: Any = faiss.downcast_index(part.index)
-        while isinstance(inner, faiss.IndexPreTransform):
-            inner = faiss.downcast_index(inner.index)
-        part_codes = faiss.vector_to_array(inner.codes).reshape(inner.ntotal, inner.code_size)
-        if codes is None:
-            codes = np.empty((n, inner.code_size), np.uint8)
-        codes[part.rows] = part_codes
-        if norms is not None and part.inverse_norms is not None:
-            norms[part.rows] = part.inverse_norms
-    return (codes if codes is not None else np.empty((0, 0), np.uint8)), norms
+    return cosine_arrays(cosine)
 
 
 def fast_scan(
@@ -163,15 +148,14 @@ def _reconcile(codec: Codec, stored: StoredGroup, earlier: CodedGroup | None) ->
     usable = (
         earlier is not None
         and earlier.codec_digest == _digest(stored.row)
-        and earlier.index.ntotal == len(earlier.ids)
+        and (earlier.index is None or earlier.index.ntotal == len(earlier.ids))
         and (earlier.fast is None or earlier.fast.ntotal == len(earlier.ids))
     )
     if not usable or earlier is None:
         all_norms = _norms(codec, codes)
-        cosine = CosineIndex.build(codec.check_codes(codes), codec.search_index, all_norms)
         fast = fast_scan(codec, ids, codes, all_norms, stored.lists, stored.coarse)
-        return CodedGroup(stored.row.id, cosine, ids, fast, stored.lists, _digest(stored.row))
-    old_codes, old_norms = group_arrays(earlier.index)
+        return _group(codec, stored.row, ids, codes, all_norms, fast, stored.lists)
+    old_codes, old_norms = earlier.arrays()
     _, new_rows, old_rows = np.intersect1d(ids, earlier.ids, assume_unique=True, return_indices=True)
     same = np.all(codes[new_rows] == old_codes[old_rows], axis=1) if len(new_rows) else np.zeros(0, bool)
     if earlier.lists is not None and stored.lists is not None and len(new_rows):
@@ -186,7 +170,6 @@ def _reconcile(codec: Codec, stored: StoredGroup, earlier: CodedGroup | None) ->
             norms[kept_new] = old_norms[kept_old]
         computed = _norms(codec, codes[fresh])
         norms[fresh] = computed if computed is not None else 1.0
-    cosine = CosineIndex.build(codec.check_codes(codes), codec.search_index, norms)
     gone = np.ones(len(earlier.ids), bool)
     gone[kept_old] = False
     changed = int(fresh.sum()) + int(gone.sum())
@@ -197,40 +180,26 @@ def _reconcile(codec: Codec, stored: StoredGroup, earlier: CodedGroup | None) ->
         fast.add(ids[fresh], codes[fresh], norms[fresh] if norms is not None else None, _rows(stored.lists, fresh))
     else:
         fast = fast_scan(codec, ids, codes, norms, stored.lists, stored.coarse)
-    return CodedGroup(stored.row.id, cosine, ids, fast, stored.lists, _digest(stored.row))
+    return _group(codec, stored.row, ids, codes, norms, fast, stored.lists)
+
+
+def _group(
+    codec: Codec,
+    row: CodecRow,
+    ids: np.ndarray,
+    codes: np.ndarray,
+    norms: np.ndarray | None,
+    fast: FastScan | None,
+    lists: np.ndarray | None,
+) -> CodedGroup:
+    """A group of ``codes`` ``(n, code_size)`` of image ``ids`` ``(n,)``: the exact scan built only
+    when there is no fast scan (which holds what builds it later, :meth:`CodedGroup.exact_index`)."""
+    cosine = None if fast is not None else CosineIndex.build(codec.check_codes(codes), codec.search_index, norms)
+    return CodedGroup(row.id, cosine, ids, fast, lists, _digest(row), codec.search_index)
 
 
 def _rows(lists: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
     return lists[mask] if lists is not None else None
-
-
-def _fast_after_change(
-    codec: Codec,
-    group: CodedGroup,
-    removed: np.ndarray,
-    added: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
-    coarse: Callable[[], np.ndarray | None],
-) -> FastScan | None:
-    """The fast scan of ``group`` (already changed; ``group.fast`` still the one from before) after
-    ``removed`` image ids went and ``added`` ``(ids, codes, norms, lists)`` came: caught up in place
-    when few rows changed and its kind (lists or not) still fits, else rebuilt from the group's rows;
-    ``coarse`` reads the centroids."""
-    fast, ids, lists = group.fast, group.ids, group.lists
-    wants_lists = lists is not None and len(ids) >= LISTS_MIN_ITEMS
-    changed = len(removed) + len(added[0])
-    if (
-        fast is not None
-        and len(ids) >= FAST_SCAN_MIN_ITEMS
-        and changed <= CATCH_UP_FRACTION * len(ids)
-        and (fast.coarse is not None) == wants_lists
-    ):
-        fast.remove(removed)
-        fast.add(*added)
-        return fast
-    if len(ids) < FAST_SCAN_MIN_ITEMS or four_bit_layout(codec) is None:
-        return None
-    codes, norms = group_arrays(group.index)
-    return fast_scan(codec, ids, codes, norms, lists, coarse() if lists is not None else None)
 
 
 def _apply_changes(
@@ -244,34 +213,50 @@ def _apply_changes(
     (a, code_size), lists (a,) -1 for none)`` — those of them coded by this codec now — put back.
 
     Nothing of a million rows is sorted or decoded: kept rows keep their place and ``1/‖x̂‖``, the
-    added ones are decoded and inserted at their place by id (both sides are sorted)."""
+    added ones are decoded and inserted at their place by id (both sides are sorted). The fast scan
+    is caught up in place when few rows changed and its kind (lists or not) still fits; otherwise
+    the exact scan is changed the same way and the fast scan rebuilt from it."""
     add_ids, add_codes, add_lists = rows
+    add_codes = codec.check_codes(add_codes)
     add_norms = _norms(codec, add_codes)
-    if not group.index.parts:
-        cosine = CosineIndex.build(codec.check_codes(add_codes), codec.search_index, add_norms)
+    if group.fast is None and group.index is not None and not group.index.parts:  # a new group
         lists = add_lists.astype(np.int32) if len(add_lists) and (add_lists >= 0).all() else None
-        fresh = CodedGroup(group.codec_id, cosine, add_ids, None, lists, group.codec_digest)
-        fresh.fast = fast_scan(codec, add_ids, add_codes, add_norms, lists, coarse() if lists is not None else None)
-        return fresh
+        fast = fast_scan(codec, add_ids, add_codes, add_norms, lists, coarse() if lists is not None else None)
+        cosine = None if fast is not None else CosineIndex.build(add_codes, codec.search_index, add_norms)
+        return CodedGroup(group.codec_id, cosine, add_ids, fast, lists, group.codec_digest, codec.search_index)
     gone = rows_of(group.ids, affected)
     keep = np.ones(len(group.ids), bool)
     keep[gone] = False
     kept_ids = group.ids[keep]
     at = np.searchsorted(kept_ids, add_ids)
     ids = np.insert(kept_ids, at, add_ids)
+    lists = None
+    if group.lists is not None and (add_lists >= 0).all():
+        lists = np.insert(group.lists[keep], at, add_lists.astype(group.lists.dtype))
+    fast = group.fast
+    wants_lists = lists is not None and len(ids) >= LISTS_MIN_ITEMS
+    if (
+        fast is not None
+        and len(ids) >= FAST_SCAN_MIN_ITEMS
+        and len(gone) + len(add_ids) <= CATCH_UP_FRACTION * len(ids)
+        and (fast.coarse is not None) == wants_lists
+    ):
+        fast.remove(group.ids[gone])
+        fast.add(add_ids, add_codes, add_norms, add_lists if lists is not None else None)
+        # The exact scan, if one was built for an exact search, is dropped: rebuilt from the fast
+        # scan when next asked for, rather than changed on every catch-up.
+        return CodedGroup(group.codec_id, None, ids, fast, lists, group.codec_digest, codec.search_index)
     # Row of each kept item afterwards: its rank among the kept, plus the added ones inserted before it.
     old_to_new = np.full(len(group.ids), -1, np.int64)
     ranks = np.arange(len(kept_ids))
     old_to_new[keep] = ranks + np.searchsorted(at, ranks, side="right")
     added_rows = at + np.arange(len(add_ids))
-    cosine = group.index.changed(old_to_new, added_rows, codec.check_codes(add_codes), add_norms)
-    lists = None
-    if group.lists is not None and (add_lists >= 0).all():
-        lists = np.insert(group.lists[keep], at, add_lists.astype(group.lists.dtype))
-    changed = CodedGroup(group.codec_id, cosine, ids, group.fast, lists, group.codec_digest)
-    added = (add_ids, add_codes, add_norms, add_lists if lists is not None else None)
-    changed.fast = _fast_after_change(codec, changed, group.ids[gone], added, coarse)
-    return changed
+    cosine = group.exact_index().changed(old_to_new, added_rows, add_codes, add_norms)
+    codes, norms = cosine_arrays(cosine)
+    fast = fast_scan(codec, ids, codes, norms, lists, coarse() if lists is not None else None)
+    return CodedGroup(
+        group.codec_id, None if fast is not None else cosine, ids, fast, lists, group.codec_digest, codec.search_index
+    )
 
 
 def _caught_up(
@@ -341,13 +326,15 @@ def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_code
     """Build the fast scans of cached groups (the cache stores the exact scan only)."""
     for group in groups:
         codec = load_codec(group.codec_id)
-        codes, norms = group_arrays(group.index)
+        codes, norms = group.arrays()
         coarse = None
         if group.lists is not None:
             coarse = lists_from_bytes(repository.codec_lists(group.codec_id), codec.dim)
         if coarse is None or (group.lists is not None and len(group.lists) and group.lists.max() >= len(coarse)):
             group.lists = None
         group.fast = fast_scan(codec, group.ids, codes, norms, group.lists, coarse)
+        group.make_index = codec.search_index
+        group.drop_exact_index()
 
 
 def _codec_of(repository: Repository, codec_id: int, load_codec: Callable[[CodecRow], Codec]) -> Codec:

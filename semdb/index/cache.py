@@ -64,7 +64,10 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
         "changes_seq": np.array([index.changes_seq], dtype=np.int64),
     }
     for number, group in enumerate(index.coded):
-        parts = group.index.parts
+        # The file keeps the exact scan (a reopen builds the fast scan from it); one built just for
+        # this is freed again after.
+        built_here = group.index is None
+        parts = group.exact_index().parts
         prefix = f"g{number}_"
         arrays[prefix + "ids"] = group.ids.astype(np.int64)
         arrays[prefix + "part_sizes"] = np.array([len(part.rows) for part in parts], dtype=np.int64)
@@ -78,6 +81,8 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
         # An empty array stands for None: no inverted lists.
         arrays[prefix + "lists"] = (group.lists if group.lists is not None else np.empty(0)).astype(np.int32)
         arrays[prefix + "codec_digest"] = np.frombuffer(group.codec_digest, dtype=np.uint8)
+        if built_here:
+            group.drop_exact_index()
     arrays["checksum"] = _checksum(arrays)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]

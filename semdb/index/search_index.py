@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,16 +24,65 @@ class CodedGroup:
     ``ids``: ``(n,)`` int64, sorted. A code is only ever searched through the codec that made it.
     ``fast``: the fast approximate scan with exact re-rank (:mod:`semdb.index.fastscan`) when the
     codec's words are 4 bits and the group is large enough to gain from it; None: the exact scan.
+    ``index``: the exact cosine scan; None while a fast scan holds everything it needs (the codes and
+    ``1/‖x̂‖`` by row): :meth:`exact_index` builds it from those, with ``make_index``, on the first
+    exact search (resident memory: one copy of the codes, not two, until one is asked for).
     """
 
     codec_id: int
-    index: CosineIndex
+    index: CosineIndex | None
     ids: np.ndarray
     fast: FastScan | None = None
     # (n,) int64 inverted list of each row (None: no lists), and the sha256 of the codec's state:
     # what the cache keeps so that a later state can be reconciled with it (semdb.index.build).
     lists: np.ndarray | None = None
     codec_digest: bytes = b""
+    make_index: Callable[[np.ndarray], faiss.Index] | None = None
+
+    def __post_init__(self) -> None:
+        if self.index is None and (self.fast is None or self.make_index is None):
+            raise ValueError("a group without its exact index needs a fast scan and make_index to build it")
+        if self.fast is not None and self.fast.ids is not self.ids and np.array_equal(self.fast.ids, self.ids):
+            self.ids = self.fast.ids  # one array, not two (neither is ever changed in place)
+
+    def exact_index(self) -> CosineIndex:
+        """The exact cosine scan, built (and kept) from the fast scan's arrays if not held."""
+        if self.index is None:
+            assert self.fast is not None and self.make_index is not None
+            codes, norms = self.arrays()
+            self.index = CosineIndex.build(codes, self.make_index, norms)
+        return self.index
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(codes (n, code_size) uint8 in the codec's own order, 1/‖x̂‖ (n,) float32 or None)`` by row."""
+        if self.index is None:
+            assert self.fast is not None
+            # faiss_order swaps a byte's two words, or nothing: applied again it gives the codec's order.
+            return self.fast.layout.faiss_order(self.fast.codes), self.fast.inverse_norms
+        return cosine_arrays(self.index)
+
+    def drop_exact_index(self) -> None:
+        """Free the exact scan where the fast scan can rebuild it (see :meth:`exact_index`)."""
+        if self.fast is not None and self.make_index is not None:
+            self.index = None
+
+
+def cosine_arrays(cosine: CosineIndex) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(codes (n, code_size) uint8, inverse norms (n,) float32 or None)`` of a cosine index, by row."""
+    n = cosine.ntotal
+    codes: np.ndarray | None = None
+    norms = None if cosine.parts and cosine.parts[0].inverse_norms is None else np.ones(n, np.float32)
+    for part in cosine.parts:
+        inner: Any = faiss.downcast_index(part.index)
+        while isinstance(inner, faiss.IndexPreTransform):
+            inner = faiss.downcast_index(inner.index)
+        part_codes = faiss.vector_to_array(inner.codes).reshape(inner.ntotal, inner.code_size)
+        if codes is None:
+            codes = np.empty((n, inner.code_size), np.uint8)
+        codes[part.rows] = part_codes
+        if norms is not None and part.inverse_norms is not None:
+            norms[part.rows] = part.inverse_norms
+    return (codes if codes is not None else np.empty((0, 0), np.uint8)), norms
 
 
 def rows_of(ids: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -116,7 +166,7 @@ class SearchIndex:
                 if ((found >= 0).sum(axis=1) < wanted).any():
                     found = None  # the probed lists held too few allowed images: scan exactly instead
             if found is None:
-                scores, hit = group.index.search(queries, k, rows)
+                scores, hit = group.exact_index().search(queries, k, rows)
                 found = np.where(hit >= 0, group.ids[np.maximum(hit, 0)], -1)
             parts_scores.append(scores)
             parts_ids.append(found)
