@@ -335,6 +335,7 @@ def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_code
         group.fast = fast_scan(codec, group.ids, codes, norms, group.lists, coarse)
         group.make_index = codec.search_index
         group.drop_exact_index()
+        group.share_ids()
 
 
 def _codec_of(repository: Repository, codec_id: int, load_codec: Callable[[CodecRow], Codec]) -> Codec:

@@ -42,8 +42,13 @@ class CodedGroup:
     def __post_init__(self) -> None:
         if self.index is None and (self.fast is None or self.make_index is None):
             raise ValueError("a group without its exact index needs a fast scan and make_index to build it")
+        self.share_ids()
+
+    def share_ids(self) -> None:
+        """Hold the fast scan's ids array as :attr:`ids` when equal: one array, not two (neither is
+        ever changed in place)."""
         if self.fast is not None and self.fast.ids is not self.ids and np.array_equal(self.fast.ids, self.ids):
-            self.ids = self.fast.ids  # one array, not two (neither is ever changed in place)
+            self.ids = self.fast.ids
 
     def exact_index(self) -> CosineIndex:
         """The exact cosine scan, built (and kept) from the fast scan's arrays if not held."""
