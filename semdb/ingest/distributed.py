@@ -33,7 +33,7 @@ from PIL import Image
 
 from semdb.encoder import Encoder, OpenClipEncoder
 from semdb.errors import InvalidArgumentError, SemdbError
-from semdb.images import BadFile, FoundFile, find_images
+from semdb.images import FoundFile
 from semdb.ingest.pipeline import Ingestor, prepare
 from semdb.ingest.report import IngestReport
 from semdb.ingest.writer import BatchWriter, CodecChoice, Prepared
@@ -218,9 +218,9 @@ def run_on_ray(
     report = writer.report
     encoder = database.encoder
     driver = Ingestor(writer.store, encoder, writer, batch_size=batch_size, max_pixels=max_pixels)
-    found = list(find_images(roots))
-    writer.record_bad_paths([(item.path, item.reason) for item in found if isinstance(item, BadFile)])
-    candidates = driver._changed([item for item in found if isinstance(item, FoundFile)])
+    # The walk streams as in a local ingest (unchanged files are never all held); only the files
+    # to read are listed, because Ray's dataset is made from them.
+    candidates = list(driver._candidates(roots, None))
     if set_total is not None:
         set_total(len(candidates))
     if candidates:
