@@ -111,7 +111,8 @@ class PQVAEConfig:
     encoder: str = "mlp"
     # Trained in a query-weighted space (semdb.codecs.query_weighted): the weight of the same cosine +
     # similarity reconstruction loss measured back in the space the items are searched in (``x̂' W⁻¹``
-    # against ``x``), which keeps the directions in which items differ for item→item search.
+    # against ``x``), which keeps the directions in which items differ for item→item search. No
+    # effect when trained unweighted (the loss is already measured there). docs/codecs.md §11f.
     plain_weight: float = 0.0
 
     @property
