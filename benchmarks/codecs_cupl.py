@@ -38,6 +38,7 @@ from semdb.evaluation import evaluate_codecs
 
 CACHE = Path(__file__).resolve().parent.parent / ".cache" / "cupl_minilm.npz"
 N_TRAIN_CLASSES = 800
+VALIDATION_FIT = 600  # --validation: fit on 600 of the training classes, judge on the other 200
 
 
 def cupl_sentences() -> dict[str, list[str]]:
@@ -123,11 +124,25 @@ class Protocol(NamedTuple):
     n_train_classes: int
 
 
+def validation_split(labels: np.ndarray, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(600 fitting classes, 200 judged classes)``, both among :func:`split`'s 800 training classes:
+    settings are chosen on these, never on the held-out classes."""
+    train_classes, _ = split(labels, n_classes, seed)
+    order = np.random.default_rng(seed + 1000).permutation(train_classes)
+    return np.sort(order[:VALIDATION_FIT]), np.sort(order[VALIDATION_FIT:])
+
+
 def protocol(
-    names: list[str], sentences: np.ndarray, labels: np.ndarray, prompts: np.ndarray, seed: int = 0
+    names: list[str],
+    sentences: np.ndarray,
+    labels: np.ndarray,
+    prompts: np.ndarray,
+    seed: int = 0,
+    validation: bool = False,
 ) -> Protocol:
-    """Split :func:`load_cupl`'s output by :func:`split` into the arrays every CuPL benchmark uses."""
-    train_classes, test_classes = split(labels, len(names), seed)
+    """Split :func:`load_cupl`'s output by :func:`split` (``validation``: :func:`validation_split`)
+    into the arrays every CuPL benchmark uses."""
+    train_classes, test_classes = (validation_split if validation else split)(labels, len(names), seed)
     test_mask = np.isin(labels, test_classes)
     # Relabel the held-out classes 0..n-1 so that labels index their prompts.
     relabel = np.full(len(names), -1)
@@ -166,6 +181,19 @@ def generic_sample(names: list[str], held_out: np.ndarray) -> np.ndarray:
     return embed_texts(texts)
 
 
+def parse_hyper(text: str) -> dict[str, float]:
+    """``"plain_weight=1,steps=200"`` → ``{"plain_weight": 1.0, "steps": 200}`` (integers stay integers)."""
+    hyper: dict[str, float] = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            sys.exit(f"--hyper takes key=number pairs separated by commas, got {item!r}")
+        hyper[key.strip()] = int(number) if number.is_integer() and "." not in value else number
+    return hyper
+
+
 def main() -> None:
     """Parse arguments, load (or embed) the data, run the codecs, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,12 +224,25 @@ def main() -> None:
         default=0.0,
         help="query-weighted: mix this share of the training data's own spectrum into the weights",
     )
+    parser.add_argument(
+        "--validation",
+        action="store_true",
+        help="fit on 600 of the split's 800 training classes and judge on the other 200 (for choosing "
+        "settings); the generic sample then leaves out the texts of the 198 held-out classes too",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the codecs (default 0)")
+    parser.add_argument(
+        "--hyper",
+        default="",
+        help="comma-separated key=value hyper-parameters for the codecs trained (e.g. plain_weight=1,steps=200)",
+    )
     args = parser.parse_args()
+    hyper = parse_hyper(args.hyper)
     names, sentences, labels, prompts = load_cupl()
     if args.embed_only:
         return
     train, test, test_labels, queries, query_labels, n_train_classes = protocol(
-        names, sentences, labels, prompts, args.split_seed
+        names, sentences, labels, prompts, args.split_seed, args.validation
     )
     print(
         f"CuPL: {len(train)} train sentences ({n_train_classes} classes), {len(test)} test sentences "
@@ -212,22 +253,37 @@ def main() -> None:
     if "default" not in codecs:
         parse_codecs(args.codec)
     log = lambda row: print(json.dumps(row), file=sys.stderr, flush=True)  # noqa: E731
-    train_classes, test_classes = split(labels, len(names), args.split_seed)
+    train_classes, test_classes = (validation_split if args.validation else split)(labels, len(names), args.split_seed)
+    # Classes whose texts the generic sample must not hold: those judged, and the held-out ones always.
+    unseen = np.union1d(test_classes, split(labels, len(names), args.split_seed)[1])
     sample = None
     if args.query_weighted or "default" in codecs:
-        sample = generic_sample(names, test_classes) if args.query_sample == "generic" else prompts[train_classes]
+        sample = generic_sample(names, unseen) if args.query_sample == "generic" else prompts[train_classes]
 
     def trained(name: str, rate: int) -> Codec:
+        start = time.process_time()
         if name == "default":  # what `semdb ingest` trains: semdb.codecs.choice, the sample as its vocabulary
             assert sample is not None
-            return train_for_database(train, codec=None, bits=rate, fidelity=None, queries=lambda _: sample).codec
-        extra = {"data_weight": args.data_weight} if args.data_weight else {}
-        weighted = sample if args.query_weighted else None
-        return train_codec(name, train, rate, queries=weighted, **extra)
+            result = train_for_database(
+                train, codec=None, bits=rate, fidelity=None, queries=lambda _: sample, seed=args.seed, **hyper
+            )
+            codec = result.codec
+            print(f"  {codec.describe()}: {result.report['why']}", file=sys.stderr)
+        else:
+            extra = {"data_weight": args.data_weight} if args.data_weight else {}
+            weighted = sample if args.query_weighted else None
+            codec = train_codec(name, train, rate, args.seed, queries=weighted, **extra, **hyper)
+        print(f"  {name} {rate} bits trained in {time.process_time() - start:.1f} s CPU", file=sys.stderr)
+        return codec
 
     rows = evaluate_codecs(train, test, test_labels, queries, query_labels, codecs, bits, on_row=log, trained=trained)
     weighted = f", query-weighted by the {args.query_sample} sample" if args.query_weighted else ""
-    title = f"CuPL / all-MiniLM-L6-v2 (split {args.split_seed}): trained on 800 classes, tested on 198{weighted}"
+    fitted = f"{n_train_classes} training classes, judged on 200 others" if args.validation else "800 classes"
+    title = (
+        f"CuPL / all-MiniLM-L6-v2 (split {args.split_seed}): trained on {fitted}, tested on {len(queries)}{weighted}"
+    )
+    if hyper:
+        title += f", {args.hyper}"
     Console().print(render_table(rows, title))
     if args.transfer:
         from codecs_fashion import load_fashion

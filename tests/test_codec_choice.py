@@ -15,7 +15,15 @@ import pytest
 
 from semdb.codec_file import read_codec_file, write_codec_file
 from semdb.codecs import CodecStateError
-from semdb.codecs.choice import DEFAULT_BITS, axes_holding, default_codec, train_for_database
+from semdb.codecs.choice import (
+    DEFAULT_BITS,
+    ITEM_TERMS,
+    ITEM_TERMS_FROM_BITS,
+    axes_holding,
+    default_codec,
+    train_for_database,
+)
+from semdb.codecs.query_weighted import QueryWeightedCodec, query_weights
 from semdb.errors import InvalidArgumentError, ModelMismatchError
 from semdb.evaluation import recall_at_k
 from semdb.fidelity import holdout_rows, measure, report_lines
@@ -51,6 +59,18 @@ def test_default_codec_falls_back_where_pqvae_pca_does_not_fit() -> None:
     assert axes_holding(low) <= 6
     name, weighted, why = default_codec(low / np.linalg.norm(low, axis=1, keepdims=True), 64)
     assert (name, weighted) == ("pq", False) and "intrinsic dimension" in why
+
+
+def test_the_default_keeps_the_items_neighbours_from_64_bits() -> None:
+    x, q = broad()
+    rows = np.delete(np.arange(len(x)), holdout_rows(len(x)))
+    for bits in (32, ITEM_TERMS_FROM_BITS):
+        codec = train_for_database(x, codec=None, bits=bits, fidelity=None, queries=lambda _: q, steps=20).codec
+        assert isinstance(codec, QueryWeightedCodec)
+        items = bits >= ITEM_TERMS_FROM_BITS
+        assert codec.base.model.config.plain_weight == (ITEM_TERMS["plain_weight"] if items else 0)  # type: ignore[attr-defined]
+        data_weight = ITEM_TERMS.get("data_weight", 0.0) if items else 0.0
+        np.testing.assert_allclose(codec.weights, query_weights(q, data=x[rows], data_weight=data_weight), atol=1e-6)
 
 
 def test_fidelity_matches_an_offline_evaluation() -> None:

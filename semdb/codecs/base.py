@@ -102,6 +102,9 @@ class Codec(ABC):
     # Hyper-parameters this codec trains with when query-weighted, unless others are given
     # (:class:`~semdb.codecs.query_weighted.QueryWeightedCodec`); each one measured.
     query_weighted_defaults: ClassVar[dict[str, Any]] = {}
+    # True for codecs whose train() takes ``unweight=W⁻¹`` when trained query-weighted (the pqvae
+    # family: a loss term measured back in the searched space).
+    trains_in_weighted_space: ClassVar[bool] = False
 
     def __init__(self, dim: int, bits_per_image: int) -> None:
         self.dim = dim

@@ -41,6 +41,14 @@ LOW_DIMENSION_AXES = 32
 # Rates tried by ``--bits auto``, smallest first (bisected: ~3 trainings).
 AUTO_RATES = (32, 48, 64, 96, 128, 192, 256)
 DEFAULT_FIDELITY = 0.95
+# From this rate on, the default's fine-tuning also keeps the items' own neighbours (item→item
+# search; docs/codecs.md §11f): pqvae's reconstruction loss measured back in the searched space,
+# at ``plain_weight``. Chosen on a validation split of the CuPL training classes as the largest
+# weight that kept mAP@100 clear of the goal; mixing in the data's spectrum too (``data_weight``)
+# bought more item→item recall but cost the mAP goal. Below this rate zero-shot is what falls
+# short, and the fine-tuning stays query-weighted only.
+ITEM_TERMS: dict[str, float] = {"plain_weight": 10.0}
+ITEM_TERMS_FROM_BITS = 64
 
 # Text queries embedded to measure fidelity when the codec is not query-weighted: a sample of the
 # vocabulary is enough for a mean over queries, and embedding all of it is the slow part of training.
@@ -139,7 +147,9 @@ def train_for_database(
 
     def fit(rate: int) -> Codec:
         weights = query_sample() if weighted else None
-        return train_codec(name, train, check_bits(rate), seed=seed, queries=weights, **hyper_parameters)
+        item_terms = ITEM_TERMS if weighted and name == LEARNED_CODEC and rate >= ITEM_TERMS_FROM_BITS else {}
+        settings = {**item_terms, **hyper_parameters}
+        return train_codec(name, train, check_bits(rate), seed=seed, queries=weights, **settings)
 
     def fidelity_of(trained: Codec) -> Fidelity | None:
         return measure(trained, x, held_out, query_sample()) if len(held_out) else None

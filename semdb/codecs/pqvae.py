@@ -109,6 +109,11 @@ class PQVAEConfig:
     # training set (mean direction first, one scale per sub-vector), its inverse as the decoder, and
     # the shared codebook by k-means; no gradient steps unless ``steps`` is set (:func:`_principal_init`).
     encoder: str = "mlp"
+    # Trained in a query-weighted space (semdb.codecs.query_weighted): the weight of the same cosine +
+    # similarity reconstruction loss measured back in the space the items are searched in (``x̂' W⁻¹``
+    # against ``x``), which keeps the directions in which items differ for item→item search. No
+    # effect when trained unweighted (the loss is already measured there). docs/codecs.md §11f.
+    plain_weight: float = 0.0
 
     @property
     def subvectors(self) -> int:
@@ -230,15 +235,26 @@ class PQVAECodec(Codec):
     """The learned PQVAE-shared codec: ``bits_per_image / 8`` codebook indices of one byte each."""
 
     name = "pqvae"
+    trains_in_weighted_space = True
 
     def __init__(self, model: PQVAE) -> None:
         super().__init__(model.config.dim, model.config.bits_per_image)
         self.model = model.eval()
 
     @classmethod
-    def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0, **hyper_parameters: float) -> Self:
+    def train(
+        cls,
+        embeddings: np.ndarray,
+        bits_per_image: int,
+        seed: int = 0,
+        *,
+        unweight: np.ndarray | None = None,
+        **hyper_parameters: float,
+    ) -> Self:
         """Train on ``embeddings`` ``(n, d)`` float32 (L2-normalised); ``hyper_parameters`` override
-        :class:`PQVAEConfig` fields (e.g. ``steps=500``)."""
+        :class:`PQVAEConfig` fields (e.g. ``steps=500``). ``unweight`` ``(d, d)``: with the
+        embeddings query-weighted (``x W``), ``W⁻¹``, which maps them back to the searched space
+        (``plain_weight``); given by :class:`~semdb.codecs.query_weighted.QueryWeightedCodec`."""
         # torch refuses read-only numpy memory (e.g. codes read from the database): copy it then.
         x = torch.from_numpy(np.require(as_embeddings(embeddings), requirements="W"))
         check_bits(bits_per_image)
@@ -280,7 +296,8 @@ class PQVAECodec(Codec):
             model = PQVAE(config)
             if principal:
                 _principal_init(model, x)
-            _fit(model, x, generator)
+            plain = torch.from_numpy(np.ascontiguousarray(unweight, np.float32)) if unweight is not None else None
+            _fit(model, x, generator, plain if config.plain_weight else None)
         finally:
             torch.set_num_threads(threads)
         return cls(model)
@@ -405,7 +422,7 @@ class PrincipalPQVAECodec(PQVAECodec):
     query_weighted_defaults: ClassVar[dict[str, Any]] = {"steps": 500, "anchor_kl_weight": 100.0}
 
     @classmethod
-    def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0, **hyper_parameters: float) -> Self:
+    def train(cls, embeddings: np.ndarray, bits_per_image: int, seed: int = 0, **hyper_parameters: Any) -> Self:
         """:meth:`PQVAECodec.train` with ``encoder="principal"`` unless overridden."""
         overrides: dict[str, Any] = {"encoder": "principal", **hyper_parameters}
         return super().train(embeddings, bits_per_image, seed, **overrides)
@@ -598,8 +615,18 @@ def _anchor_loss(config: PQVAEConfig, anchors: torch.Tensor, recon: torch.Tensor
     return loss
 
 
-def _fit(model: PQVAE, x: torch.Tensor, generator: torch.Generator) -> None:
-    """Train ``model`` on ``x`` ``(n, d)`` for ``config.steps`` minibatch steps."""
+def _reconstruction_loss(config: PQVAEConfig, recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``cosine_weight · (1 − cos(x̂, x))`` + ``similarity_weight · ‖x̂ Xᵀ − x Xᵀ‖²`` over a batch of
+    unit-norm reconstructions ``recon`` and targets ``target`` ``(n, d)``."""
+    loss = config.cosine_weight * (1 - (recon * target).sum(1)).mean()
+    if config.similarity_weight:
+        loss = loss + config.similarity_weight * F.mse_loss(recon @ target.T, target @ target.T)
+    return loss
+
+
+def _fit(model: PQVAE, x: torch.Tensor, generator: torch.Generator, plain: torch.Tensor | None = None) -> None:
+    """Train ``model`` on ``x`` ``(n, d)`` for ``config.steps`` minibatch steps; ``plain`` ``(d, d)``:
+    the map of ``x`` back to the searched space, where ``plain_weight`` measures the loss too."""
     config = model.config
     _init_codebook(model, x, generator)
     if not config.steps:  # the closed-form principal encoder: the codebook is all there is to fit
@@ -625,15 +652,16 @@ def _fit(model: PQVAE, x: torch.Tensor, generator: torch.Generator) -> None:
         indices = model.nearest(z.detach())
         q = model.codebook[indices]
         straight_through = z + (q - z).detach()
-        recon = F.normalize(model.decoder(straight_through.reshape(len(batch), -1)), dim=-1)
-        target = F.normalize(batch, dim=-1)
+        decoded = model.decoder(straight_through.reshape(len(batch), -1))
+        recon, target = F.normalize(decoded, dim=-1), F.normalize(batch, dim=-1)
         loss = (
-            config.cosine_weight * (1 - (recon * target).sum(1)).mean()
+            _reconstruction_loss(config, recon, target)
             + F.mse_loss(q, z.detach())
             + config.commitment_weight * F.mse_loss(z, q.detach())
         )
-        if config.similarity_weight:
-            loss = loss + config.similarity_weight * F.mse_loss(recon @ target.T, target @ target.T)
+        if plain is not None:
+            plain_recon, plain_target = F.normalize(decoded @ plain, dim=-1), F.normalize(batch @ plain, dim=-1)
+            loss = loss + config.plain_weight * _reconstruction_loss(config, plain_recon, plain_target)
         if anchors is not None:
             loss = loss + _anchor_loss(config, anchors, recon, target)
         optimiser.zero_grad(set_to_none=True)

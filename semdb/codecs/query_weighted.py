@@ -160,18 +160,23 @@ class QueryWeightedCodec(Codec):
         base_name: str = "pq",
         queries: np.ndarray | None = None,
         ridge: float = DEFAULT_RIDGE,
-        data_weight: float = 0.0,
+        data_weight: float | None = None,
         **hyper_parameters: Any,
     ) -> Self:
-        """Train codec ``base_name`` on ``embeddings`` ``(n, d)`` weighted by sample ``queries`` ``(c, d)``."""
+        """Train codec ``base_name`` on ``embeddings`` ``(n, d)`` weighted by sample ``queries`` ``(c, d)``;
+        ``data_weight`` (:func:`query_weights`) None: the base codec's ``query_weighted_defaults``, else 0."""
         from semdb.codecs import codec_class
 
         x = as_embeddings(embeddings)
         if queries is None:
             raise InvalidArgumentError("query weighting needs sample queries")
-        weights = query_weights(as_embeddings(queries, x.shape[1]), ridge, data=x, data_weight=data_weight)
         base_class = codec_class(base_name)
         settings = {**base_class.query_weighted_defaults, **hyper_parameters}
+        default_data_weight = float(settings.pop("data_weight", 0.0))
+        data_weight = default_data_weight if data_weight is None else data_weight
+        weights = query_weights(as_embeddings(queries, x.shape[1]), ridge, data=x, data_weight=data_weight)
+        if base_class.trains_in_weighted_space:
+            settings["unweight"] = np.linalg.inv(weights.astype(np.float64)).astype(np.float32)
         base = base_class.train(x @ weights, bits_per_image, seed=seed, **settings)
         return cls(base, base_name, weights)
 
