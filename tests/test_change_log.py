@@ -82,15 +82,22 @@ def remove(db: semdb.Database, image_ids: list[int]) -> None:
         repository.record_change()
 
 
+def seeded(tmp_path: Path, name: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, Path, list[str]]:
+    """A database of the first 2,000 of ``n`` clustered embeddings (its codec trained on 1,000):
+    ``(embeddings (n, 32), queries (6, 32), its path, the n image paths)``."""
+    x = clustered(n, seed)
+    path = tmp_path / f"{name}.semdb"
+    paths = [f"/nowhere/{i}.png" for i in range(n)]
+    with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
+        db.add_embeddings(paths[:2000], x[:2000], train_size=1000)
+    return x, clustered(6, seed + 1), path, paths
+
+
 def test_every_change_is_logged_and_the_open_index_catches_up_from_the_log(
     tmp_path: Path, small_thresholds: list[int]
 ) -> None:
-    x = clustered(2600, 1)
-    queries = clustered(6, 2)
-    path = tmp_path / "log.semdb"
-    paths = [f"/nowhere/{i}.png" for i in range(len(x))]
-    with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
-        db.add_embeddings(paths[:2000], x[:2000], train_size=1000)
+    x, queries, path, paths = seeded(tmp_path, "log", 2600, 1)
+    with semdb.connect(path) as db:
         db.index()
         assert db.store is not None
         with db.store.reading() as repository:
@@ -123,14 +130,10 @@ def test_every_change_is_logged_and_the_open_index_catches_up_from_the_log(
 
 
 def test_a_reopen_catches_up_from_an_earlier_cache(tmp_path: Path, small_thresholds: list[int]) -> None:
-    x = clustered(2300, 3)
-    queries = clustered(6, 4)
-    path = tmp_path / "reopen.semdb"
-    paths = [f"/nowhere/{i}.png" for i in range(len(x))]
-    with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
-        db.add_embeddings(paths[:2000], x[:2000], train_size=1000)
+    x, queries, path, paths = seeded(tmp_path, "reopen", 2300, 3)
+    with semdb.connect(path) as db:
         written = db.index()  # built from the store: the cache file is written
-    with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
+    with semdb.connect(path) as db:
         db.add_embeddings(paths[2000:], x[2000:])
         remove(db, [3, 30, 300])
     reads = len(small_thresholds)
@@ -142,13 +145,8 @@ def test_a_reopen_catches_up_from_an_earlier_cache(tmp_path: Path, small_thresho
 
 
 def test_a_restored_backup_is_never_caught_up_from_a_later_cache(tmp_path: Path, small_thresholds: list[int]) -> None:
-    x = clustered(2300, 5)
-    queries = clustered(6, 6)
-    path = tmp_path / "restore.semdb"
+    x, queries, path, paths = seeded(tmp_path, "restore", 2300, 5)
     backup = tmp_path / "backup.semdb"
-    paths = [f"/nowhere/{i}.png" for i in range(len(x))]
-    with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
-        db.add_embeddings(paths[:2000], x[:2000], train_size=1000)
     shutil.copy(path, backup)  # state A
     with semdb.connect(path) as db:
         db.add_embeddings(paths[2000:2100], x[2000:2100])  # state B
@@ -170,12 +168,8 @@ def test_the_log_is_trimmed_from_its_oldest_end(
     tmp_path: Path, small_thresholds: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(repository_module, "CHANGE_LOG_MIN_ROWS", 50)
-    x = clustered(2400, 7)
-    queries = clustered(6, 8)
-    path = tmp_path / "trim.semdb"
-    paths = [f"/nowhere/{i}.png" for i in range(len(x))]
-    with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
-        db.add_embeddings(paths[:2000], x[:2000], train_size=1000)
+    x, queries, path, paths = seeded(tmp_path, "trim", 2400, 7)
+    with semdb.connect(path) as db:
         old = db.index()
         db.add_embeddings(paths[2000:2400], x[2000:2400])  # 800 rows logged, more than 2 × 200 kept
         assert db.store is not None
