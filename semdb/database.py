@@ -130,6 +130,7 @@ class Database:
         self._filtered: dict[tuple[str, str], np.ndarray] = {}
         self._index: SearchIndex | None = None
         self._index_version: int | None = None  # the store's data_version when _index was current
+        self._older_schema: SchemaVersionError | None = None
         self._cache_file: Path | None = None
         self._codecs: dict[int, Codec] = {}
         # Validate before anything is opened, so that a mistake never leaves a database behind.
@@ -161,7 +162,9 @@ class Database:
         except SchemaVersionError as error:
             if not (error.older and create):
                 raise
-            return  # an older schema: the first ingest migrates it
+            # An older schema: the first ingest migrates it; until then a search says so.
+            self._older_schema = error
+            return
         except NotReadyError:
             if not (create and self.url is not None):
                 raise
@@ -252,6 +255,7 @@ class Database:
                 self._store.close()
             self._store = store
             self._index_version = None  # another connection's data_version: not comparable
+            self._older_schema = None  # migrated on opening for writing
         self._store.on_wait = self.on_wait
         return self._store
 
@@ -465,6 +469,8 @@ class Database:
     def index(self) -> SearchIndex:
         """The search index of the database's current state (see :func:`semdb.index.current_index`)."""
         if self._store is None:
+            if self._older_schema is not None:
+                raise self._older_schema
             return SearchIndex("", [], None, np.empty(0, np.int64))
         cache_file = cache_path(self.path) if self.path is not None else self._client_cache_file()
         previous = self._index

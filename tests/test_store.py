@@ -191,3 +191,24 @@ def test_semdb_migrate_upgrades_a_database_at_an_older_schema(
     with Store.open(path).reading() as repository:
         assert migrate.current_revision(repository.connection) == migrate.head_revision()
     assert main(["migrate", "--db", str(tmp_path / "missing.semdb")]) != 0
+
+
+def test_a_search_of_an_older_schema_says_to_migrate_and_an_ingest_migrates_it(tmp_path: Path) -> None:
+    import numpy as np
+
+    import semdb
+
+    path = tmp_path / "db.semdb"
+    x = np.random.default_rng(0).standard_normal((40, 16)).astype(np.float32)
+    with semdb.connect(path, codec="pq", bits=16, model="hf-hub:none/none") as db:
+        db.add_embeddings([f"/nowhere/{i}.png" for i in range(30)], x[:30], train_size=20)
+    store = Store.open(path, write=True)
+    with store.writing() as repository:
+        command.downgrade(migrate.alembic_config(repository.connection), "0004")
+    store.close()
+    db = semdb.connect(path)
+    with pytest.raises(SchemaVersionError, match="semdb migrate"):
+        db.search_vectors(x[:1], k=3)  # not "no searchable images yet"
+    db.add_embeddings([f"/nowhere/{i}.png" for i in range(30, 40)], x[30:])  # a writer migrates
+    assert len(db.search_vectors(x[:1], k=3)[0]) == 3
+    db.close()
