@@ -40,9 +40,9 @@ from search_latency import spectrum, synthetic
 
 from semdb.codecs import train_codec
 from semdb.evaluation import recall_at_k
-from semdb.index.build import group_arrays
 from semdb.index.fastscan import FastScan, four_bit_layout
 from semdb.index.lists import assign_lists, train_lists
+from semdb.index.search_index import cosine_arrays
 
 DIM = 512
 K = 10
@@ -167,7 +167,7 @@ def main() -> None:
         t = time.perf_counter()
         cosine = codec.cosine_index(codes)
         exact_build = time.perf_counter() - t
-        norms = group_arrays(cosine)[1]
+        norms = cosine_arrays(cosine)[1]
         rows: list[list[object]] = []
         exact_ids, walls, cpus = timed(lambda q: cosine.search(q, K)[1], queries)
         cosine_bytes = args.n * (codec.code_size + 8 + 4 + 8)  # codes, part rows, 1/‖x̂‖, group ids
@@ -249,7 +249,7 @@ def main() -> None:
             # Catch-up on the open index: 1,000 new codes appended, 1,000 removed, then a search.
             extra = synthetic(1000, centres, args.noise, scales, np.random.default_rng(99))
             extra_codes = codec.encode(extra)
-            extra_norms = group_arrays(codec.cosine_index(extra_codes))[1]
+            extra_norms = cosine_arrays(codec.cosine_index(extra_codes))[1]
             extra_lists = assign_lists(coarse, extra)
             wall, cpu = time.perf_counter(), time.thread_time()
             ivf.add(np.arange(args.n, args.n + 1000, dtype=np.int64), extra_codes, extra_norms, extra_lists)

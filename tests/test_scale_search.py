@@ -9,8 +9,8 @@ from semdb.codecs import Codec, train_codec
 from semdb.codecs.faiss_codecs import PQCodec
 from semdb.cosine import inverse_norms
 from semdb.index import CodedGroup, SearchIndex, flat_index
-from semdb.index.build import group_arrays
 from semdb.index.fastscan import FastScan, four_bit_layout
+from semdb.index.search_index import cosine_arrays
 
 DIM = 32
 N = 3000
@@ -58,7 +58,7 @@ def index_of(codec: Codec, codes: np.ndarray, ids: np.ndarray, fast: bool) -> Se
     if fast:
         layout = four_bit_layout(codec)
         assert layout is not None
-        scan = FastScan.build(layout, ids, codes, group_arrays(cosine)[1])
+        scan = FastScan.build(layout, ids, codes, cosine_arrays(cosine)[1])
     return SearchIndex("t", [CodedGroup(1, cosine, ids, scan)], None, np.empty(0, np.int64))
 
 
@@ -137,7 +137,7 @@ def test_fast_scan_catches_up(data: tuple[np.ndarray, np.ndarray]) -> None:
     x, queries = data
     codec = CODECS["pcapq"](x)
     codes = codec.encode(x)
-    norms = group_arrays(codec.cosine_index(codes))[1]
+    norms = cosine_arrays(codec.cosine_index(codes))[1]
     ids = np.arange(N, dtype=np.int64)
     layout = four_bit_layout(codec)
     assert layout is not None and norms is not None
@@ -195,7 +195,7 @@ def test_fast_scan_probes_inverted_lists(data: tuple[np.ndarray, np.ndarray], mo
     x, queries = data
     codec = CODECS["pcapq"](x)
     codes = codec.encode(x)
-    norms = group_arrays(codec.cosine_index(codes))[1]
+    norms = cosine_arrays(codec.cosine_index(codes))[1]
     ids = np.arange(N, dtype=np.int64)
     centroids = train_lists(x, lists=16)
     lists = assign_lists(centroids, x)

@@ -72,9 +72,15 @@ class StoredGroup:
     coarse: np.ndarray | None
 
 
-def group_arrays(cosine: CosineIndex) -> tuple[np.ndarray, np.ndarray | None]:
-    """``(codes (n, code_size) uint8, inverse norms (n,) float32 or None)`` of a cosine index, by row."""
-    return cosine_arrays(cosine)
+def _catches_up_in_place(fast: FastScan | None, rows: int, changed: int, wants_lists: bool) -> bool:
+    """Whether ``fast`` is appended to and masked in place for a change of ``changed`` rows leaving
+    ``rows``: few rows changed, the group still takes a fast scan, and of the same kind (lists or not)."""
+    return (
+        fast is not None
+        and rows >= FAST_SCAN_MIN_ITEMS
+        and changed <= CATCH_UP_FRACTION * rows
+        and (fast.coarse is not None) == wants_lists
+    )
 
 
 def fast_scan(
@@ -175,7 +181,7 @@ def _reconcile(codec: Codec, stored: StoredGroup, earlier: CodedGroup | None) ->
     changed = int(fresh.sum()) + int(gone.sum())
     fast = earlier.fast
     wants_lists = stored.lists is not None and len(ids) >= LISTS_MIN_ITEMS
-    if fast is not None and changed <= CATCH_UP_FRACTION * len(ids) and (fast.coarse is not None) == wants_lists:
+    if fast is not None and _catches_up_in_place(fast, len(ids), changed, wants_lists):
         fast.remove(earlier.ids[gone])
         fast.add(ids[fresh], codes[fresh], norms[fresh] if norms is not None else None, _rows(stored.lists, fresh))
     else:
@@ -229,23 +235,20 @@ def _apply_changes(
     keep[gone] = False
     kept_ids = group.ids[keep]
     at = np.searchsorted(kept_ids, add_ids)
-    ids = np.insert(kept_ids, at, add_ids)
     lists = None
     if group.lists is not None and (add_lists >= 0).all():
         lists = np.insert(group.lists[keep], at, add_lists.astype(group.lists.dtype))
     fast = group.fast
-    wants_lists = lists is not None and len(ids) >= LISTS_MIN_ITEMS
-    if (
-        fast is not None
-        and len(ids) >= FAST_SCAN_MIN_ITEMS
-        and len(gone) + len(add_ids) <= CATCH_UP_FRACTION * len(ids)
-        and (fast.coarse is not None) == wants_lists
-    ):
+    rows_after = len(kept_ids) + len(add_ids)
+    wants_lists = lists is not None and rows_after >= LISTS_MIN_ITEMS
+    if fast is not None and _catches_up_in_place(fast, rows_after, len(gone) + len(add_ids), wants_lists):
         fast.remove(group.ids[gone])
         fast.add(add_ids, add_codes, add_norms, add_lists if lists is not None else None)
         # The exact scan, if one was built for an exact search, is dropped: rebuilt from the fast
-        # scan when next asked for, rather than changed on every catch-up.
-        return CodedGroup(group.codec_id, None, ids, fast, lists, group.codec_digest, codec.search_index)
+        # scan when next asked for, rather than changed on every catch-up. The ids are the fast
+        # scan's own, which it just inserted the same way.
+        return CodedGroup(group.codec_id, None, fast.ids, fast, lists, group.codec_digest, codec.search_index)
+    ids = np.insert(kept_ids, at, add_ids)
     # Row of each kept item afterwards: its rank among the kept, plus the added ones inserted before it.
     old_to_new = np.full(len(group.ids), -1, np.int64)
     ranks = np.arange(len(kept_ids))
@@ -283,9 +286,7 @@ def _caught_up(
     groups = {group.codec_id: group for group in earlier.coded}
     result: list[CodedGroup] = []
     for codec_id in sorted(set(groups) | set(by_codec)):
-        row = repository.codec(codec_id)
-        if row is None:
-            raise DatabaseDamagedError("the database is damaged: codes refer to a codec that is not stored")
+        row = _stored_codec(repository, codec_id)
         group = groups.get(codec_id)
         if group is None:
             # No indexed image had a code of this codec at the earlier state, so each one now was logged.
@@ -322,10 +323,10 @@ def _same_database(tag: str, other: str) -> bool:
     return bool(database_id) and other.split(":", 1)[0] == database_id
 
 
-def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_codec: Callable[[int], Codec]) -> None:
+def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_codec: Callable[[CodecRow], Codec]) -> None:
     """Build the fast scans of cached groups (the cache stores the exact scan only)."""
     for group in groups:
-        codec = load_codec(group.codec_id)
+        codec = load_codec(_stored_codec(repository, group.codec_id))
         codes, norms = group.arrays()
         coarse = None
         if group.lists is not None:
@@ -338,11 +339,12 @@ def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_code
         group.share_ids()
 
 
-def _codec_of(repository: Repository, codec_id: int, load_codec: Callable[[CodecRow], Codec]) -> Codec:
+def _stored_codec(repository: Repository, codec_id: int, location: str = "the database") -> CodecRow:
+    """The stored codec ``codec_id``; a codec that codes refer to but is not stored is damage."""
     row = repository.codec(codec_id)
     if row is None:
-        raise DatabaseDamagedError("the database is damaged: codes refer to a codec that is not stored")
-    return load_codec(row)
+        raise DatabaseDamagedError(f"{location} is damaged: codes refer to a codec that is not stored")
+    return row
 
 
 def current_index(
@@ -380,7 +382,7 @@ def current_index(
         loose = {codec_id: (bound, dim) for codec_id, dim in dims.items()}
         earlier = load_cache(cache_file, tag, loose) if cache_file is not None and previous is None else None
         if earlier is not None:
-            _with_fast_scans(repository, earlier.groups, lambda codec_id: _codec_of(repository, codec_id, load_codec))
+            _with_fast_scans(repository, earlier.groups, load_codec)
             if earlier.tag == tag:
                 return SearchIndex(tag, earlier.groups, flat_index(staged), staged_ids, seq, earlier.changes_seq)
             earlier_index = SearchIndex(earlier.tag, earlier.groups, None, np.empty(0, np.int64), earlier.changes_seq)
@@ -389,10 +391,7 @@ def current_index(
                 index = SearchIndex(tag, caught, flat_index(staged), staged_ids, seq, earlier.changes_seq)
                 return _saved(index, store, cache_file)
         counts = repository.coded_counts()
-        stored = {codec_id: repository.codec(codec_id) for codec_id in counts}
-        codec_rows = {codec_id: row for codec_id, row in stored.items() if row is not None}
-        if len(codec_rows) != len(counts):
-            raise DatabaseDamagedError(f"{store.location} is damaged: codes refer to a codec that is not stored")
+        codec_rows = {codec_id: _stored_codec(repository, codec_id, store.location) for codec_id in counts}
         read = {
             codec_id: _read_group(repository, row, counts[codec_id], store.location)
             for codec_id, row in codec_rows.items()

@@ -208,12 +208,11 @@ class Repository:
     def changes_after(self, seq: int, at_most: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Image ids and content ids logged after ``seq``: ``(image_ids (a,), content_ids (c,))`` int64,
         unique; None when more than ``at_most`` rows were logged (catching up would not pay)."""
-        count = int(self.connection.scalar(select(func.count()).where(IndexChange.seq > seq)) or 0)
-        if count > at_most:
-            return None
         rows = self.connection.execute(
-            select(IndexChange.image_id, IndexChange.content_id).where(IndexChange.seq > seq)
+            select(IndexChange.image_id, IndexChange.content_id).where(IndexChange.seq > seq).limit(at_most + 1)
         ).all()
+        if len(rows) > at_most:
+            return None
         images = np.unique(np.array([row[0] for row in rows if row[0] is not None], dtype=np.int64))
         contents = np.unique(np.array([row[1] for row in rows if row[1] is not None], dtype=np.int64))
         return images, contents
