@@ -446,7 +446,8 @@ def _check_file(path: Path, display: str, *, write: bool, create: bool) -> bool:
         raise DatabaseDamagedError(f"{display} is damaged: the file ends inside its SQLite header")
     if write and not (os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)):
         raise ReadOnlyDatabaseError(
-            f"{display} is read-only here (the file or its folder is not writable): ingest needs to write it"
+            f"{display} is read-only here (the file or its folder is not writable): "
+            "ingest and migrate need to write it (search reads it as it is)"
         )
     return False
 
