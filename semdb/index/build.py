@@ -107,29 +107,27 @@ def _digest(row: CodecRow) -> bytes:
     return hashlib.sha256(row.state).digest()
 
 
-def _read_group(repository: Repository, row: CodecRow, count: int, location: str) -> StoredGroup:
-    """Stream the codes of codec ``row`` (``count`` of them) from the store into numpy."""
+def _read_group(repository: Repository, row: CodecRow, location: str) -> StoredGroup | None:
+    """Stream the codes of codec ``row`` from the store into numpy (None: it coded no indexed image)."""
     code_size = row.bits_per_image // 8
-    ids = np.empty(count, np.int64)
-    codes = np.empty((count, code_size), np.uint8)
-    lists = np.empty(count, np.int64)
-    filled = 0
+    id_parts: list[np.ndarray] = []
+    code_parts: list[np.ndarray] = []
+    list_parts: list[np.ndarray] = []
     try:
         for chunk_ids, chunk_codes, chunk_lists in repository.coded_chunks(row.id, code_size):
-            if filled + len(chunk_ids) > count:
-                raise ValueError("more codes than counted")
-            ids[filled : filled + len(chunk_ids)] = chunk_ids
-            codes[filled : filled + len(chunk_ids)] = chunk_codes
-            lists[filled : filled + len(chunk_ids)] = chunk_lists
-            filled += len(chunk_ids)
+            id_parts.append(chunk_ids)
+            code_parts.append(chunk_codes)
+            list_parts.append(chunk_lists)
     except ValueError:
         raise DatabaseDamagedError(
             f"{location} is damaged: a stored code does not have the length of codec {row.id}"
         ) from None
-    if filled != count:
-        raise DatabaseDamagedError(f"{location} changed while it was read: {filled} codes, {count} counted")
+    if not id_parts:
+        return None
+    ids, codes, lists = np.concatenate(id_parts), np.concatenate(code_parts), np.concatenate(list_parts)
+    del id_parts, code_parts, list_parts
     coarse = lists_from_bytes(repository.codec_lists(row.id), row.dim)
-    complete = coarse is not None and count > 0 and lists.min() >= 0 and lists.max() < len(coarse)
+    complete = coarse is not None and lists.min() >= 0 and lists.max() < len(coarse)
     # int32: list numbers are below MAX_LISTS, and the array stays resident with the group.
     return StoredGroup(row, ids, codes, lists.astype(np.int32) if complete else None, coarse if complete else None)
 
@@ -390,12 +388,11 @@ def current_index(
             if caught is not None:
                 index = SearchIndex(tag, caught, flat_index(staged), staged_ids, seq, earlier.changes_seq)
                 return _saved(index, store, cache_file)
-        counts = repository.coded_counts()
-        codec_rows = {codec_id: _stored_codec(repository, codec_id, store.location) for codec_id in counts}
-        read = {
-            codec_id: _read_group(repository, row, counts[codec_id], store.location)
-            for codec_id, row in codec_rows.items()
-        }
+        read: dict[int, StoredGroup] = {}
+        for codec_id in repository.codecs_of_codes():
+            stored = _read_group(repository, _stored_codec(repository, codec_id, store.location), store.location)
+            if stored is not None:
+                read[codec_id] = stored
     reference = previous.coded if previous is not None and _same_database(tag, previous.tag) else []
     if earlier is not None:
         reference = earlier.groups

@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import ColumnElement, Connection, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Select, bindparam, delete, func, insert, or_, select, update
 
 from semdb.errors import DatabaseDamagedError
 from semdb.paths import display_path
@@ -462,16 +464,12 @@ class Repository:
 
     # --- what the search index is built from ----------------------------------------------------
 
-    def coded_counts(self) -> dict[int, int]:
-        """codec id → how many indexed images have a code made by that codec."""
-        statement = (
-            select(Code.codec_id, func.count())
-            .join(ImageRecord, ImageRecord.content_id == Code.content_id)
-            .where(ImageRecord.status == STATUS_INDEXED)
-            .group_by(Code.codec_id)
-            .order_by(Code.codec_id)
-        )
-        return {int(codec_id): int(count) for codec_id, count in self.connection.execute(statement)}
+    def codecs_of_codes(self) -> list[int]:
+        """The ids of the codecs that made any stored code, ascending (one walk of the codec_id index)."""
+        return [
+            int(codec_id)
+            for codec_id in self.connection.scalars(select(Code.codec_id).distinct().order_by(Code.codec_id))
+        ]
 
     def coded_images(self, codec_id: int, code_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Indexed images coded by ``codec_id``: ``(image_ids (n,) int64, codes (n, code_size) uint8)``.
@@ -528,16 +526,32 @@ class Repository:
         another length than ``code_size`` means a damaged row: ValueError.
         """
         statement = (
-            select(ImageRecord.id, Code.code, Code.list_no)
+            select(ImageRecord.id, Code.code, func.coalesce(Code.list_no, -1))
             .join(Code, Code.content_id == ImageRecord.content_id)
             .where(ImageRecord.status == STATUS_INDEXED, Code.codec_id == codec_id)
             .order_by(ImageRecord.id)
         )
-        result = self.connection.execution_options(yield_per=rows).execute(statement)
-        for chunk in result.partitions(rows):
-            ids, codes = _ids_and_blobs(chunk, np.uint8, code_size)
-            lists = np.fromiter((-1 if row[2] is None else row[2] for row in chunk), dtype=np.int64, count=len(chunk))
-            yield ids, codes, lists
+        # Through the driver's own cursor: SQLAlchemy's result rows cost about as much again as the
+        # driver's fetch for a million rows (docs/benchmarks.md, "full build"); the statement is still
+        # the Core select above, compiled for this dialect.
+        with self._driver_cursor(statement) as cursor:
+            while chunk := cursor.fetchmany(rows):
+                ids, codes = _ids_and_blobs(chunk, np.uint8, code_size)
+                yield ids, codes, np.fromiter(map(itemgetter(2), chunk), dtype=np.int64, count=len(chunk))
+
+    @contextmanager
+    def _driver_cursor(self, statement: Select[Any]) -> Iterator[Any]:
+        """A DBAPI cursor of this transaction's connection, executing ``statement`` (compiled for the
+        dialect, its parameters bound): plain tuples, no SQLAlchemy row per result."""
+        compiled = statement.compile(dialect=self.connection.dialect)
+        values = compiled.construct_params()
+        parameters: Any = tuple(values[name] for name in compiled.positiontup or ()) if compiled.positional else values
+        cursor = self.connection.connection.cursor()
+        try:
+            cursor.execute(str(compiled), parameters)
+            yield cursor
+        finally:
+            cursor.close()
 
     # --- issue 13: query filters, stored vectors of one image, image details for the server ------
 
@@ -623,10 +637,16 @@ def _at_or_below(folder: str) -> ColumnElement[bool]:
 
 
 def _ids_and_blobs(rows: Sequence[Any], dtype: type[np.generic], width: int) -> tuple[np.ndarray, np.ndarray]:
-    """``[(id, blob)]`` rows → ``(ids (n,) int64, array (n, width) dtype)``; ValueError on a blob of the wrong size."""
-    ids = np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+    """``[(id, blob, ...)]`` rows → ``(ids (n,) int64, array (n, width) dtype)``; ValueError on a blob of
+    the wrong size."""
+    if not rows:
+        return np.empty(0, np.int64), np.empty((0, width), dtype)
+    # Columns taken with map(itemgetter): no Python frame per row (a million rows in a full build).
+    ids = np.fromiter(map(itemgetter(0), rows), dtype=np.int64, count=len(rows))
+    blobs = list(map(itemgetter(1), rows))
     item = np.dtype(dtype).itemsize * width
-    blob = b"".join(row[1] for row in rows)
-    if len(blob) != item * len(rows) or any(len(row[1]) != item for row in rows):
+    blob = b"".join(blobs)
+    # The total and the longest both right: every blob is right.
+    if len(blob) != item * len(rows) or max(map(len, blobs)) != item:
         raise ValueError(f"stored rows of {item} bytes expected")
     return ids, np.frombuffer(blob, dtype=dtype).reshape(len(rows), width)
