@@ -17,7 +17,7 @@ from operator import itemgetter
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import ColumnElement, Connection, Select, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import ClauseElement, ColumnElement, Connection, bindparam, delete, func, insert, or_, select, update
 
 from semdb.errors import DatabaseDamagedError
 from semdb.paths import display_path
@@ -540,10 +540,10 @@ class Repository:
                 yield ids, codes, np.fromiter(map(itemgetter(2), chunk), dtype=np.int64, count=len(chunk))
 
     @contextmanager
-    def _driver_cursor(self, statement: Select[Any]) -> Iterator[Any]:
+    def _driver_cursor(self, statement: ClauseElement) -> Iterator[Any]:
         """A DBAPI cursor of this transaction's connection, executing ``statement`` (compiled for the
         dialect, its parameters bound): plain tuples, no SQLAlchemy row per result."""
-        compiled = statement.compile(dialect=self.connection.dialect)
+        compiled: Any = statement.compile(dialect=self.connection.dialect)  # a SQLCompiler
         values = compiled.construct_params()
         parameters: Any = tuple(values[name] for name in compiled.positiontup or ()) if compiled.positional else values
         cursor = self.connection.connection.cursor()
