@@ -22,6 +22,7 @@ from the open fast index, then the first search.
 
     python benchmarks/scale.py                 # 1M, ~6 min on 2 shared cores
     python benchmarks/scale.py --n 200000      # quicker
+    python benchmarks/scale.py --n 10000000 --train 200000 --lists 4096 --skip-flat   # 10M
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def main() -> None:
     parser.add_argument("--reranks", default="64,128,256,512")
     parser.add_argument("--nprobes", default="8,16,32,64")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-flat", action="store_true", help="no fast scan over one list (slow at 10M)")
+    parser.add_argument("--skip-faiss", action="store_true", help="no IndexIVFPQFastScan of the floats")
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits
 
@@ -133,7 +136,8 @@ def main() -> None:
     )
     faiss_ivf.by_residual = False
     started = time.perf_counter()
-    faiss_ivf.train(sample)
+    if not args.skip_faiss:
+        faiss_ivf.train(sample)
     faiss_train = time.perf_counter() - started
     codes = np.empty((args.n, codec.code_size), np.uint8)
     lists = np.empty(args.n, np.int64)
@@ -146,7 +150,8 @@ def main() -> None:
         lists[start : start + len(block)] = assign_lists(coarse, block)
         encode_s += time.perf_counter() - t
         t = time.perf_counter()
-        faiss_ivf.add(block)
+        if not args.skip_faiss:
+            faiss_ivf.add(block)
         faiss_add_s += time.perf_counter() - t
         scores = queries @ block.T
         merged_scores = np.concatenate([best_scores, scores], axis=1)
@@ -177,7 +182,7 @@ def main() -> None:
             )
         )
         exact_p50 = percentile_ms(cpus, 50)
-        if layout is not None:
+        if layout is not None and not args.skip_flat:
             t = time.perf_counter()
             flat = FastScan.build(layout, ids, codes, norms)
             flat_build = time.perf_counter() - t
@@ -195,6 +200,7 @@ def main() -> None:
                     )
                 )
             del flat
+        if layout is not None:
             t = time.perf_counter()
             ivf = FastScan.build(layout, ids, codes, norms, lists, coarse)
             ivf_build = time.perf_counter() - t
@@ -214,7 +220,7 @@ def main() -> None:
                             ivf_build,
                         )
                     )
-        for nprobe in (16, 32):
+        for nprobe in () if args.skip_faiss else (16, 32):
             faiss_ivf.nprobe = nprobe
             got, walls, cpus = timed(lambda q: faiss_ivf.search(q, K)[1], queries)
             packed = args.n * (codec.code_size + 8)
