@@ -17,7 +17,19 @@ from operator import itemgetter
 from typing import Any, TypeVar
 
 import numpy as np
-from sqlalchemy import ClauseElement, ColumnElement, Connection, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ClauseElement,
+    ColumnElement,
+    Connection,
+    Dialect,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from semdb.errors import DatabaseDamagedError
 from semdb.paths import display_path
@@ -117,8 +129,26 @@ _IMAGE_COLUMNS = (
     ImageRecord.status,
     ImageRecord.error,
 )
-# Built once: asked after every search, where building the statement cost as much as running it.
-_PATHS_OF_IDS = select(ImageRecord.id, ImageRecord.path).where(ImageRecord.id.in_(bindparam("ids", expanding=True)))
+
+
+_PATHS_SQL: dict[tuple[type, str, int], str] = {}
+
+
+def _paths_sql(dialect: Dialect, count: int) -> str:
+    """The SQL of ``SELECT id, path FROM images WHERE id IN (count parameters id0, id1, ...)`` for
+    ``dialect``, compiled once per dialect, parameter style and count."""
+    key = (type(dialect), dialect.paramstyle, count)
+    if key not in _PATHS_SQL:
+        statement = select(ImageRecord.id, ImageRecord.path).where(
+            ImageRecord.id.in_([bindparam(f"id{i}") for i in range(count)])
+        )
+        compiled: Any = statement.compile(dialect=dialect)
+        if compiled.positional and list(compiled.positiontup) != [f"id{i}" for i in range(count)]:
+            raise AssertionError("parameters compiled out of order")
+        _PATHS_SQL[key] = str(compiled)
+    return _PATHS_SQL[key]
+
+
 _CODEC_COLUMNS = (
     CodecRecord.id,
     CodecRecord.name,
@@ -433,8 +463,18 @@ class Repository:
         wanted = sorted(set(image_ids))
         found: dict[int, str] = {}
         for chunk in _chunks(wanted):
-            rows = self.connection.execute(_PATHS_OF_IDS, {"ids": list(chunk)})
-            found.update((int(image_id), display_path(path)) for image_id, path in rows)
+            # Asked after every search: through the driver's cursor, the statement compiled once per
+            # number of ids (SQLAlchemy's execution cost more than SQLite's look-up of a few rows).
+            sql = _paths_sql(self.connection.dialect, len(chunk))
+            cursor = self.connection.connection.cursor()
+            try:
+                cursor.execute(
+                    sql,
+                    tuple(chunk) if self.connection.dialect.positional else {f"id{i}": v for i, v in enumerate(chunk)},
+                )
+                found.update((int(image_id), display_path(path)) for image_id, path in cursor.fetchall())
+            finally:
+                cursor.close()
         return found
 
     def skipped(self) -> list[tuple[str, str]]:
