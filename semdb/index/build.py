@@ -63,7 +63,7 @@ CACHE_REWRITE_FRACTION = 0.02
 @dataclass
 class StoredGroup:
     """What the store holds for one codec: ``ids`` ``(n,)`` int64 sorted, ``codes`` ``(n, code_size)``
-    uint8, ``lists`` ``(n,)`` int64 or None, ``coarse`` ``(lists, d)`` float32 or None, the codec row."""
+    uint8, ``lists`` ``(n,)`` int16 or None, ``coarse`` ``(lists, d)`` float32 or None, the codec row."""
 
     row: CodecRow
     ids: np.ndarray
@@ -128,8 +128,8 @@ def _read_group(repository: Repository, row: CodecRow, location: str) -> StoredG
     del id_parts, code_parts, list_parts
     coarse = lists_from_bytes(repository.codec_lists(row.id), row.dim)
     complete = coarse is not None and lists.min() >= 0 and lists.max() < len(coarse)
-    # int32: list numbers are below MAX_LISTS, and the array stays resident with the group.
-    return StoredGroup(row, ids, codes, lists.astype(np.int32) if complete else None, coarse if complete else None)
+    # int16: list numbers are below MAX_LISTS (4,096), and the array stays resident with the group.
+    return StoredGroup(row, ids, codes, lists.astype(np.int16) if complete else None, coarse if complete else None)
 
 
 def _norms(codec: Codec, codes: np.ndarray) -> np.ndarray | None:
@@ -224,7 +224,7 @@ def _apply_changes(
     add_codes = codec.check_codes(add_codes)
     add_norms = _norms(codec, add_codes)
     if group.fast is None and group.index is not None and not group.index.parts:  # a new group
-        lists = add_lists.astype(np.int32) if len(add_lists) and (add_lists >= 0).all() else None
+        lists = add_lists.astype(np.int16) if len(add_lists) and (add_lists >= 0).all() else None
         fast = fast_scan(codec, add_ids, add_codes, add_norms, lists, coarse() if lists is not None else None)
         cosine = None if fast is not None else CosineIndex.build(add_codes, codec.search_index, add_norms)
         return CodedGroup(group.codec_id, cosine, add_ids, fast, lists, group.codec_digest, codec.search_index)

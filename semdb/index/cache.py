@@ -25,6 +25,7 @@ import faiss
 import numpy as np
 
 from semdb.cosine import CosineIndex, CosinePart
+from semdb.index.lists import MAX_LISTS
 from semdb.index.search_index import CodedGroup, SearchIndex
 
 # 3: inverted list numbers and the codec state's digest per group; 4: the change-log seq it covers (issue 10)
@@ -201,8 +202,9 @@ def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, most_rows:
         raise ValueError("cache index shape differs from the store")
     inverse = np.split(inverse_norms, starts) if len(inverse_norms) else [None] * len(sizes)
     parts = [CosinePart(*part) for part in zip(indexes, np.split(part_rows, starts), inverse, strict=True)]
-    lists = arrays[prefix + "lists"].astype(np.int32)
-    if len(lists) not in (0, rows) or (len(lists) and lists.min() < 0):
+    lists = arrays[prefix + "lists"]
+    if len(lists) not in (0, rows) or (len(lists) and (lists.min() < 0 or lists.max() >= MAX_LISTS)):
         raise ValueError("cache lists differ from the store")
+    lists = lists.astype(np.int16)
     digest = bytes(arrays[prefix + "codec_digest"])
     return CodedGroup(codec_id, CosineIndex(parts), ids, lists=lists if len(lists) else None, codec_digest=digest)

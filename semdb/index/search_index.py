@@ -33,7 +33,7 @@ class CodedGroup:
     index: CosineIndex | None
     ids: np.ndarray
     fast: FastScan | None = None
-    # (n,) int64 inverted list of each row (None: no lists), and the sha256 of the codec's state:
+    # (n,) int16 inverted list of each row (None: no lists), and the sha256 of the codec's state:
     # what the cache keeps so that a later state can be reconciled with it (semdb.index.build).
     lists: np.ndarray | None = None
     codec_digest: bytes = b""
