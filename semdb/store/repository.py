@@ -582,11 +582,18 @@ class Repository:
     @contextmanager
     def _driver_cursor(self, statement: ClauseElement) -> Iterator[Any]:
         """A DBAPI cursor of this transaction's connection, executing ``statement`` (compiled for the
-        dialect, its parameters bound): plain tuples, no SQLAlchemy row per result."""
+        dialect, its parameters bound): plain tuples, no SQLAlchemy row per result. On PostgreSQL a
+        server-side cursor, so that rows stream in ``fetchmany`` batches instead of arriving all at
+        once (SQLite's cursor steps through the result as it is fetched)."""
         compiled: Any = statement.compile(dialect=self.connection.dialect)  # a SQLCompiler
         values = compiled.construct_params()
         parameters: Any = tuple(values[name] for name in compiled.positiontup or ()) if compiled.positional else values
-        cursor = self.connection.connection.cursor()
+        driver: Any = self.connection.connection
+        cursor = (
+            driver.cursor(name=f"semdb_{uuid.uuid4().hex}")
+            if self.connection.dialect.name == "postgresql"
+            else driver.cursor()
+        )
         try:
             cursor.execute(str(compiled), parameters)
             yield cursor
