@@ -312,6 +312,11 @@ def test_stats_on_a_foreign_sqlite_file_leaves_it_untouched(tmp_path: Path, caps
         "UPDATE codecs SET dim = 4096",
         "UPDATE codecs SET state = x'00'",
         "UPDATE codes SET codec_id = 77",
+        # One code a byte short and another a byte long: the total length of the batch is right.
+        "UPDATE codes SET code = substr(code, 2) WHERE content_id = (SELECT min(content_id) FROM codes);"
+        " UPDATE codes SET code = CAST(code || x'00' AS BLOB) WHERE content_id = (SELECT max(content_id) FROM codes)",
+        # || makes text of a blob: here text that is not UTF-8 where a code should be.
+        "UPDATE codes SET code = x'ff' || code WHERE content_id = (SELECT max(content_id) FROM codes)",
     ],
 )
 def test_a_crafted_database_gets_one_line_never_a_crash(tmp_path: Path, crafting: str) -> None:
@@ -320,7 +325,7 @@ def test_a_crafted_database_gets_one_line_never_a_crash(tmp_path: Path, crafting
     semdb.connect(database, encoder=FakeEncoder(), bits=16).ingest(tmp_path / "images")
     with sqlite3.connect(database) as connection:
         connection.execute("PRAGMA foreign_keys = OFF")
-        connection.execute(crafting)
+        connection.executescript(crafting)
     cache_path(database).unlink(missing_ok=True)
     with pytest.raises(semdb.SemdbError) as error:
         db = semdb.connect(database, encoder=FakeEncoder())

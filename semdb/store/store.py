@@ -334,7 +334,8 @@ class Store:
             return DatabaseLockedError(f"{self.location} is locked by another process; try again when it is done")
         if "unable to open database file" in message:
             return SemdbError(f"cannot open {self.location}: check that the file and its folder are accessible")
-        if "no such table" in message or "no such column" in message:
+        # A value of the wrong type where semdb wrote another, e.g. text that is not UTF-8 in a code's place.
+        if "no such table" in message or "no such column" in message or "could not decode to utf-8" in message:
             return DatabaseDamagedError(f"{self.location} is damaged: {_first_line(str(error))}")
         return None
 
