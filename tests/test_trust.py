@@ -315,6 +315,7 @@ def test_stats_on_a_foreign_sqlite_file_leaves_it_untouched(tmp_path: Path, caps
         # One code a byte short and another a byte long: the total length of the batch is right.
         "UPDATE codes SET code = substr(code, 2) WHERE content_id = (SELECT min(content_id) FROM codes);"
         " UPDATE codes SET code = CAST(code || x'00' AS BLOB) WHERE content_id = (SELECT max(content_id) FROM codes)",
+        "UPDATE codes SET list_no = 'seven' WHERE content_id = (SELECT min(content_id) FROM codes)",
         # || makes text of a blob: here text that is not UTF-8 where a code should be.
         "UPDATE codes SET code = x'ff' || code WHERE content_id = (SELECT max(content_id) FROM codes)",
     ],

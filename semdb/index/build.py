@@ -120,7 +120,7 @@ def _read_group(repository: Repository, row: CodecRow, location: str) -> StoredG
             list_parts.append(chunk_lists)
     except ValueError:
         raise DatabaseDamagedError(
-            f"{location} is damaged: a stored code does not have the length of codec {row.id}"
+            f"{location} is damaged: a stored code or its list number is not what codec {row.id} makes"
         ) from None
     if not id_parts:
         return None
