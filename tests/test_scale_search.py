@@ -9,7 +9,7 @@ from semdb.codecs import Codec, train_codec
 from semdb.codecs.faiss_codecs import PQCodec
 from semdb.cosine import inverse_norms
 from semdb.index import CodedGroup, SearchIndex, flat_index
-from semdb.index.fastscan import FastScan, four_bit_layout
+from semdb.index.fastscan import FastScan, _block_lists, four_bit_layout
 from semdb.index.search_index import cosine_arrays
 
 DIM = 32
@@ -151,6 +151,63 @@ def test_fast_scan_catches_up(data: tuple[np.ndarray, np.ndarray]) -> None:
     _, got = scan.search(queries, 10, rerank=N)
     np.testing.assert_array_equal(got, brute_force(codec, codes[keep], ids[keep], queries, 10))
     assert not np.isin(got, gone).any()
+
+
+def weighted_codec(x: np.ndarray, queries: np.ndarray) -> Codec:
+    """A query-weighted ``pqvae-pca``: its layout's query map is not orthonormal (the norm bands' case)."""
+    return train_codec("pqvae-pca", x, 64, queries=queries, steps=0)
+
+
+def test_norm_bands_only_where_the_norm_is_measured_through_a_weighting(data: tuple[np.ndarray, np.ndarray]) -> None:
+    from semdb.index.fastscan import BANDS
+
+    x, queries = data
+    for codec, banded in ((CODECS["pcapq"](x), False), (weighted_codec(x, queries), True)):
+        codes = codec.encode(x)
+        layout = four_bit_layout(codec)
+        assert layout is not None and layout.orthonormal is not banded
+        norms = cosine_arrays(codec.cosine_index(codes))[1]
+        ids = np.arange(N, dtype=np.int64)
+        scan = FastScan.build(layout, ids, codes, norms)
+        assert scan.bands == (BANDS if banded else 1)
+    # Equal-count bands, each its own FAISS list; and they find the best cosines from fewer candidates.
+    blocks = _block_lists(scan.index)
+    assert [int(blocks.list_size(band)) for band in range(BANDS)] == [N // BANDS] * BANDS
+    one_band = FastScan(layout, None)
+    one_band.add(ids, codes, norms, None)
+    want = brute_force(codec, codes, ids, queries, 10)
+
+    def recall(found: np.ndarray) -> float:
+        return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, want, strict=True)]))
+
+    assert recall(scan.search(queries, 10, rerank=20)[1]) >= recall(one_band.search(queries, 10, rerank=20)[1]) + 0.05
+
+
+def test_norm_bands_rerank_exactly_and_catch_up(data: tuple[np.ndarray, np.ndarray]) -> None:
+    from semdb.index.lists import assign_lists, train_lists
+
+    x, queries = data
+    codec = weighted_codec(x, queries)
+    codes = codec.encode(x)
+    norms = cosine_arrays(codec.cosine_index(codes))[1]
+    ids = np.arange(N, dtype=np.int64) * 3
+    layout = four_bit_layout(codec)
+    centroids = train_lists(x, lists=16)
+    lists = assign_lists(centroids, x)
+    assert layout is not None and norms is not None and lists is not None
+    for coarse, item_lists in ((None, None), (centroids, lists)):
+        half = N // 2
+        part = None if item_lists is None else item_lists[:half]
+        scan = FastScan.build(layout, ids[:half], codes[:half], norms[:half], part, coarse)
+        assert scan.bands > 1
+        # New codes fall in the bands fixed at the build; then a quarter of everything is removed.
+        scan.add(ids[half:], codes[half:], norms[half:], None if item_lists is None else item_lists[half:])
+        gone = ids[::4]
+        scan.remove(gone)
+        keep = ~np.isin(ids, gone)
+        # Every band and list scanned, every candidate re-ranked: the exact answer, bit for bit.
+        _, got = scan.search(queries, 10, rerank=N, nprobe=16)
+        np.testing.assert_array_equal(got, brute_force(codec, codes[keep], ids[keep], queries, 10))
 
 
 def test_staged_rows_respect_allowed() -> None:

@@ -11,6 +11,13 @@ re-encoded. The scan ranks by the quantised inner product; the best ``rerank`` c
 scored exactly, ``<A q, r(code)> / ‖x̂‖`` with float tables (what :class:`~semdb.cosine.CosineIndex`
 computes), and the best ``k`` of those returned.
 
+Norm bands: the fast scan ranks by the inner product, the answer by the cosine, and where
+``‖x̂‖`` is measured through a map that is not orthonormal (query-weighted codecs) the best cosines
+are not among the best inner products of a short candidate list. So items are split
+into :data:`BANDS` bands by ``‖x̂‖`` (quantiles), each band its own FAISS list, and a query is scanned
+as one copy per band scaled by ``1 / (the band's median norm)``: each copy's scores approximate the
+cosine within its band, and the best ``rerank`` over all copies go to the exact re-rank.
+
 Inverted lists: when the codec was trained with coarse centroids (``(lists, d)`` float32 in the
 embedding space, :mod:`semdb.index.lists`), each code sits in the list its embedding was assigned to
 at ingest, and a query probes its ``nprobe`` nearest lists; otherwise everything is one list, a
@@ -33,6 +40,10 @@ WORDS = 2**WORD_BITS
 # Candidates of the fast scan re-ranked exactly, and lists probed per query (docs/benchmarks.md, "Scale").
 DEFAULT_RERANK = 128
 DEFAULT_NPROBE = 32
+# Norm bands (module docstring), used where the 99th percentile of ‖x̂‖ is more than NORM_SPREAD times
+# the 1st (docs/benchmarks.md, "Norm bands").
+BANDS = 8
+NORM_SPREAD = 1.1
 
 
 @dataclass(frozen=True)
@@ -57,6 +68,14 @@ class FourBitLayout:
     def scanned_dim(self) -> int:
         """Dimension of the transformed queries, ``m``."""
         return int(self.centroids.shape[0] * self.centroids.shape[2])
+
+    @property
+    def orthonormal(self) -> bool:
+        """Whether the query map has orthonormal rows (or is the identity): then ``‖x̂‖`` is the norm
+        of what is scored, in the scanned space itself."""
+        return self.matrix is None or bool(
+            np.allclose(self.matrix @ self.matrix.T, np.eye(len(self.matrix)), atol=1e-5)
+        )
 
     def transform(self, queries: np.ndarray) -> np.ndarray:
         """``(q, d)`` → ``(q, m)`` float32: the queries in the space the centroids live in."""
@@ -84,7 +103,7 @@ class FourBitLayout:
         words = self.words
         squares = None
         gram = None
-        if self.matrix is None or np.allclose(self.matrix @ self.matrix.T, np.eye(len(self.matrix)), atol=1e-5):
+        if self.matrix is None or self.orthonormal:
             squares = (self.centroids.astype(np.float64) ** 2).sum(axis=2)  # (M, 16)
         else:
             gram = (self.matrix.astype(np.float64) @ self.matrix.T.astype(np.float64)).astype(np.float32)
@@ -174,18 +193,50 @@ def _converted(ivf: Any) -> Any:
     return fast
 
 
+def _norms_of(inverse_norms: np.ndarray) -> np.ndarray:
+    """``‖x̂‖`` from ``1/‖x̂‖`` ``(n,)`` (0 for a zero reconstruction, whose inverse is stored as 0)."""
+    inverse = np.asarray(inverse_norms, np.float64)
+    return np.divide(1.0, inverse, out=np.zeros_like(inverse), where=inverse > 0)
+
+
+def norm_bands(layout: FourBitLayout, inverse_norms: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
+    """:data:`BANDS` equal-count bands of the items' ``‖x̂‖`` (from ``1/‖x̂‖`` ``(n,)``): ``(edges
+    (BANDS - 1,) ascending, query scales (BANDS,) float32 = 1 / each band's median norm)``, or None
+    (one band).
+
+    Only where the layout's query map is not orthonormal (query-weighted codecs, pqvae's decoder):
+    there ``‖x̂‖`` is measured through the map, along directions the scanned inner product weighs
+    little, so it reorders the best inner products; with an orthonormal map the norm spreads as much
+    (docs/benchmarks.md, "Norm bands") but the inner product's best already hold the best cosines."""
+    if inverse_norms is None or layout.orthonormal or len(inverse_norms) < BANDS * 32:
+        return None
+    norms = _norms_of(inverse_norms)
+    low, high = np.quantile(norms, [0.01, 0.99])
+    if low <= 0 or high / low < NORM_SPREAD:
+        return None
+    medians = np.quantile(norms, (np.arange(BANDS) + 0.5) / BANDS)
+    return np.quantile(norms, np.arange(1, BANDS) / BANDS), (1.0 / medians).astype(np.float32)
+
+
 class FastScan:
     """An ``IndexIVFPQFastScan`` over one group's codes, plus what the exact re-rank needs.
 
     ``ids``: ``(n,)`` int64 sorted image ids; ``codes``: ``(n, M/2)`` uint8 (FAISS word order);
     ``inverse_norms``: ``(n,)`` float32 ``1/‖x̂‖`` or None (unit-norm reconstructions); ``coarse``:
-    ``(lists, d)`` float32 centroids the codes' lists were assigned from, or None (one list).
+    ``(lists, d)`` float32 centroids the codes' lists were assigned from, or None (one list);
+    ``bands``: the norm bands (:func:`norm_bands`), or None.
     """
 
-    def __init__(self, layout: FourBitLayout, coarse: np.ndarray | None) -> None:
+    def __init__(
+        self, layout: FourBitLayout, coarse: np.ndarray | None, bands: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> None:
         self.layout = layout
         self.coarse = coarse
         self.lists = 1 if coarse is None else len(coarse)
+        # Norm bands (:func:`norm_bands`; None: one band). An item's FAISS list: its inverted list × B + its band.
+        self.band_edges: np.ndarray | None = bands[0] if bands is not None else None
+        self.band_scales: np.ndarray | None = bands[1] if bands is not None else None
+        self.bands = 1 if bands is None else len(bands[1])
         self.probe: faiss.IndexFlatIP | None = None
         if coarse is not None:
             self.probe = faiss.IndexFlatIP(coarse.shape[1])
@@ -202,14 +253,21 @@ class FastScan:
         m = self.layout.scanned_dim
         # The coarse quantiser is never asked: lists are assigned at ingest and probed by self.probe.
         quantizer: Any = faiss.IndexFlatIP(m)
-        quantizer.add(np.zeros((self.lists, m), np.float32))
-        ivf: Any = faiss.IndexIVFPQ(quantizer, m, self.lists, self.layout.words, WORD_BITS, faiss.METRIC_INNER_PRODUCT)
+        quantizer.add(np.zeros((self.faiss_lists, m), np.float32))
+        ivf: Any = faiss.IndexIVFPQ(
+            quantizer, m, self.faiss_lists, self.layout.words, WORD_BITS, faiss.METRIC_INNER_PRODUCT
+        )
         ivf.by_residual = False
         faiss.copy_array_to_vector(np.ascontiguousarray(self.layout.centroids).ravel(), ivf.pq.centroids)
         ivf.is_trained = True
         ivf.own_fields = True
         quantizer.this.disown()
         return ivf
+
+    @property
+    def faiss_lists(self) -> int:
+        """FAISS's lists: inverted lists × norm bands."""
+        return self.lists * self.bands
 
     def _empty_fast(self) -> Any:
         return _converted(self._ivfpq())
@@ -218,8 +276,8 @@ class FastScan:
         """A fast-scan index holding ``codes`` of ``ids`` in ``lists`` (all ``(n,)``/``(n, M/2)``)."""
         ivf = self._ivfpq()
         order = np.argsort(lists, kind="stable")
-        bounds = np.searchsorted(lists[order], np.arange(self.lists + 1))
-        for list_no in range(self.lists):
+        bounds = np.searchsorted(lists[order], np.arange(self.faiss_lists + 1))
+        for list_no in np.flatnonzero(np.diff(bounds)).tolist():
             rows = order[bounds[list_no] : bounds[list_no + 1]]
             if len(rows):
                 # Kept in names until add_entries returns: swig_ptr does not hold a reference.
@@ -249,9 +307,16 @@ class FastScan:
     ) -> FastScan:
         """The fast scan of ``codes`` ``(n, M/2)`` uint8 (the codec's own order) of image ``ids``
         ``(n,)``; ``lists`` ``(n,)`` their inverted lists under ``coarse`` (both None: one list)."""
-        scan = cls(layout, coarse if lists is not None else None)
+        scan = cls(layout, coarse if lists is not None else None, norm_bands(layout, inverse_norms))
         scan.add(ids, codes, inverse_norms, lists)
         return scan
+
+    def _faiss_lists(self, lists: np.ndarray, inverse_norms: np.ndarray | None) -> np.ndarray:
+        """FAISS list of items in inverted ``lists`` ``(n,)`` with ``inverse_norms`` ``(n,)`` (or None)."""
+        if self.band_edges is None:
+            return lists
+        norms = _norms_of(np.ones(len(lists), np.float32) if inverse_norms is None else inverse_norms)
+        return lists * self.bands + np.searchsorted(self.band_edges, norms)
 
     def add(
         self, ids: np.ndarray, codes: np.ndarray, inverse_norms: np.ndarray | None, lists: np.ndarray | None
@@ -261,7 +326,7 @@ class FastScan:
         if not len(ids):
             return
         codes = self.layout.faiss_order(codes)
-        lists_checked = self._check_lists(lists, len(ids))
+        lists_checked = self._faiss_lists(self._check_lists(lists, len(ids)), inverse_norms)
         added = self._fast_holding(ids, codes, lists_checked)
         if self.index.ntotal:
             self._append(added, ids, codes, lists_checked)
@@ -328,7 +393,7 @@ class FastScan:
     def nbytes(self) -> int:
         """Resident bytes of the arrays and the fast-scan lists (blocks of 32 codes, ids)."""
         invlists: Any = faiss.extract_index_ivf(self.index).invlists
-        sizes = [int(invlists.list_size(i)) for i in range(self.lists)]
+        sizes = [int(invlists.list_size(i)) for i in range(self.faiss_lists)]
         block_bytes = 32 * self.layout.words // 2
         packed, blocks = sum(sizes), sum(-(-size // 32) for size in sizes)
         arrays = (
@@ -378,13 +443,19 @@ class FastScan:
             selector = faiss.IDSelectorBitmap(top, faiss.swig_ptr(bitmap))
             params.sel = selector
         y = self.layout.transform(queries)
-        scores = np.empty((q, depth), np.float32)
-        found = np.empty((q, depth), np.int64)
+        copies, lists = y, assign
+        if self.band_scales is not None:
+            # One copy of each query per band, scaled to score ≈ the cosine there, probing that band's lists.
+            copies = (y[:, None, :] * self.band_scales[None, :, None]).reshape(q * self.bands, -1)
+            lists = (assign[:, None, :] * self.bands + np.arange(self.bands)[None, :, None]).reshape(q * self.bands, -1)
+            centroid_scores = np.repeat(centroid_scores, self.bands, axis=0)
+        scores = np.empty((len(copies), depth), np.float32)
+        found = np.empty((len(copies), depth), np.int64)
         self.index.search_preassigned_c(
-            q,
-            faiss.swig_ptr(y),
+            len(copies),
+            faiss.swig_ptr(copies),
             depth,
-            faiss.swig_ptr(np.ascontiguousarray(assign, dtype=np.int64)),
+            faiss.swig_ptr(np.ascontiguousarray(lists, dtype=np.int64)),
             faiss.swig_ptr(np.ascontiguousarray(centroid_scores, dtype=np.float32)),
             faiss.swig_ptr(scores),
             faiss.swig_ptr(found),
@@ -393,6 +464,11 @@ class FastScan:
             None,
         )
         del params, bitmap  # the selector reads the bitmap through the scan: both held until here
+        if self.bands > 1:
+            # The best `depth` of every band's candidates, by their approximate cosines.
+            scores, found = scores.reshape(q, -1), found.reshape(q, -1)
+            best = np.argsort(-np.where(found >= 0, scores, -np.inf), axis=1, kind="stable")[:, :depth]
+            found = np.take_along_axis(found, best, axis=1)
         return self._rerank(y, found, k)
 
     def _rerank(self, y: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
