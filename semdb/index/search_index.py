@@ -11,7 +11,7 @@ import numpy as np
 
 from semdb.cosine import CosineIndex
 from semdb.errors import InvalidArgumentError
-from semdb.index.fastscan import DEFAULT_NPROBE, DEFAULT_RERANK, FastScan
+from semdb.index.fastscan import DEFAULT_NPROBE, FastScan
 
 # An allowed set of at most this many images of a group is searched by the exact scan of their codes.
 EXACT_ALLOWED_MAX = 20_000
@@ -141,7 +141,7 @@ class SearchIndex:
         *,
         allowed: np.ndarray | None = None,
         exact: bool = False,
-        rerank: int = DEFAULT_RERANK,
+        rerank: int | None = None,
         nprobe: int = DEFAULT_NPROBE,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``queries``: ``(q, d)`` float32 → ``(scores, ids)``, both ``(q, k')`` with ``k' = min(k, size)``.
