@@ -331,3 +331,36 @@ def test_add_embeddings_and_an_index_that_catches_up(tmp_path, monkeypatch: pyte
     cache_path(path).unlink()  # rebuilt from the store alone: the same answer
     with semdb.connect(path) as db:
         assert [[h.id for h in row] for row in db.search_vectors(queries, k=10, exact=True)] == final_ids
+
+
+def test_a_fast_group_is_cached_by_its_codes_and_an_altered_one_is_rebuilt(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import semdb
+    from semdb.index import build, cache, cache_path
+
+    monkeypatch.setattr(build, "FAST_SCAN_MIN_ITEMS", 500)
+    x = clustered(1200, 7)
+    path = tmp_path / "cached.semdb"
+    queries = clustered(5, 8)
+    with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
+        db.add_embeddings([f"/nowhere/{i}.png" for i in range(len(x))], x)
+        want = [[h.id for h in row] for row in db.search_vectors(queries, k=10)]
+        assert db.index().coded[0].index is None  # the fast scan alone: no exact scan built to save
+    arrays = cache._read_npz(cache_path(path), 2**30)
+    assert arrays is not None and "g0_codes" in arrays and "g0_part_sizes" not in arrays
+    with semdb.connect(path) as db:
+        group = db.index().coded[0]
+        assert group.fast is not None and group.stored_arrays is None and group.index is None
+        assert [[h.id for h in row] for row in db.search_vectors(queries, k=10)] == want
+    # Codes one byte too wide, under a checksum that matches: not used, the index is read from the store.
+    arrays = dict(arrays)
+    arrays.pop("checksum")
+    arrays["g0_codes"] = np.concatenate([arrays["g0_codes"], np.zeros((len(arrays["g0_codes"]), 1), np.uint8)], axis=1)
+    arrays["checksum"] = cache._checksum(arrays)
+    with cache_path(path).open("wb") as handle:
+        np.savez(handle, **arrays)  # type: ignore[arg-type]
+    with semdb.connect(path) as db:
+        assert [[h.id for h in row] for row in db.search_vectors(queries, k=10)] == want
+    rewritten = cache._read_npz(cache_path(path), 2**30)  # by the full read that replaced it
+    assert rewritten is not None and rewritten["g0_codes"].shape == (len(x), 8)

@@ -321,11 +321,14 @@ def _same_database(tag: str, other: str) -> bool:
     return bool(database_id) and other.split(":", 1)[0] == database_id
 
 
-def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_codec: Callable[[CodecRow], Codec]) -> None:
-    """Build the fast scans of cached groups (the cache stores the exact scan only)."""
+def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_codec: Callable[[CodecRow], Codec]) -> bool:
+    """Build the fast scans of cached groups (the cache holds an exact scan or the codes by row, not
+    the fast scan); False when a group's codes do not fit its codec (an altered cache: not used)."""
     for group in groups:
         codec = load_codec(_stored_codec(repository, group.codec_id))
         codes, norms = group.arrays()
+        if codes.shape[1:] != (codec.code_size,) and len(codes):
+            return False
         coarse = None
         if group.lists is not None:
             coarse = lists_from_bytes(repository.codec_lists(group.codec_id), codec.dim)
@@ -333,8 +336,12 @@ def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_code
             group.lists = None
         group.fast = fast_scan(codec, group.ids, codes, norms, group.lists, coarse)
         group.make_index = codec.search_index
+        if group.fast is None and group.index is None:  # saved with a fast scan that no longer applies
+            group.index = CosineIndex.build(codes, codec.search_index, norms)
+        group.stored_arrays = None
         group.drop_exact_index()
         group.share_ids()
+    return True
 
 
 def _stored_codec(repository: Repository, codec_id: int, location: str = "the database") -> CodecRow:
@@ -379,8 +386,9 @@ def current_index(
         bound = repository.largest_image_id()
         loose = {codec_id: (bound, dim) for codec_id, dim in dims.items()}
         earlier = load_cache(cache_file, tag, loose) if cache_file is not None and previous is None else None
+        if earlier is not None and not _with_fast_scans(repository, earlier.groups, load_codec):
+            earlier = None
         if earlier is not None:
-            _with_fast_scans(repository, earlier.groups, load_codec)
             if earlier.tag == tag:
                 return SearchIndex(tag, earlier.groups, flat_index(staged), staged_ids, seq, earlier.changes_seq)
             earlier_index = SearchIndex(earlier.tag, earlier.groups, None, np.empty(0, np.int64), earlier.changes_seq)

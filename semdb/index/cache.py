@@ -29,7 +29,7 @@ from semdb.index.lists import MAX_LISTS
 from semdb.index.search_index import CodedGroup, SearchIndex
 
 # 3: inverted list numbers and the codec state's digest per group; 4: the change-log seq it covers (issue 10)
-FORMAT = 4
+FORMAT = 5
 # A cache larger than this many bytes per expected row (plus a fixed allowance for codebooks and
 # transforms) is not even opened: nothing in a cache file may make semdb allocate without bound.
 MAX_BYTES_PER_ROW = 256
@@ -65,25 +65,27 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
         "changes_seq": np.array([index.changes_seq], dtype=np.int64),
     }
     for number, group in enumerate(index.coded):
-        # The file keeps the exact scan (a reopen builds the fast scan from it); one built just for
-        # this is freed again after.
-        built_here = group.index is None
-        parts = group.exact_index().parts
         prefix = f"g{number}_"
         arrays[prefix + "ids"] = group.ids.astype(np.int64)
-        arrays[prefix + "part_sizes"] = np.array([len(part.rows) for part in parts], dtype=np.int64)
-        arrays[prefix + "part_rows"] = np.concatenate([part.rows for part in parts]).astype(np.int64)
-        # An empty array stands for None: reconstructions already unit-norm.
-        arrays[prefix + "inverse_norms"] = np.concatenate(
-            [part.inverse_norms if part.inverse_norms is not None else np.empty(0, np.float32) for part in parts]
-        ).astype(np.float32)
-        for part_number, part in enumerate(parts):
-            arrays[f"{prefix}index_{part_number}"] = faiss.serialize_index(part.index)
+        if group.index is None:
+            # A fast scan without its exact scan: the codes and 1/‖x̂‖ by row, what a reopen builds
+            # the fast scan from (an exact scan built just to be written would cost a full build's tenth).
+            codes, norms = group.arrays()
+            arrays[prefix + "codes"] = codes
+            # An empty array stands for None: reconstructions already unit-norm.
+            arrays[prefix + "inverse_norms"] = (norms if norms is not None else np.empty(0)).astype(np.float32)
+        else:
+            parts = group.index.parts
+            arrays[prefix + "part_sizes"] = np.array([len(part.rows) for part in parts], dtype=np.int64)
+            arrays[prefix + "part_rows"] = np.concatenate([part.rows for part in parts]).astype(np.int64)
+            arrays[prefix + "inverse_norms"] = np.concatenate(
+                [part.inverse_norms if part.inverse_norms is not None else np.empty(0, np.float32) for part in parts]
+            ).astype(np.float32)
+            for part_number, part in enumerate(parts):
+                arrays[f"{prefix}index_{part_number}"] = faiss.serialize_index(part.index)
         # An empty array stands for None: no inverted lists.
         arrays[prefix + "lists"] = (group.lists if group.lists is not None else np.empty(0)).astype(np.int32)
         arrays[prefix + "codec_digest"] = np.frombuffer(group.codec_digest, dtype=np.uint8)
-        if built_here:
-            group.drop_exact_index()
     arrays["checksum"] = _checksum(arrays)
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
@@ -187,12 +189,35 @@ def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, most_rows:
         raise ValueError("cache holds more rows than the store")
     if len(ids) > 1 and not (ids[1:] > ids[:-1]).all():
         raise ValueError("cache ids are not sorted")
+    inverse_norms = arrays[prefix + "inverse_norms"].astype(np.float32)
+    if ids.shape != (rows,) or len(inverse_norms) not in (0, rows):
+        raise ValueError("cache shape differs from the store")
+    index: CosineIndex | None = None
+    codes: np.ndarray | None = None
+    if prefix + "codes" in arrays:
+        codes = arrays[prefix + "codes"]
+        if codes.ndim != 2 or len(codes) != rows or codes.dtype != np.uint8:
+            raise ValueError("cache codes differ from the store")
+    else:
+        index = _exact_scan(arrays, prefix, rows, dim, inverse_norms)
+    lists = arrays[prefix + "lists"]
+    if len(lists) not in (0, rows) or (len(lists) and (lists.min() < 0 or lists.max() >= MAX_LISTS)):
+        raise ValueError("cache lists differ from the store")
+    lists = lists.astype(np.int16)
+    digest = bytes(arrays[prefix + "codec_digest"])
+    stored = None if codes is None else (codes, inverse_norms if len(inverse_norms) else None)
+    return CodedGroup(
+        codec_id, index, ids, lists=lists if len(lists) else None, codec_digest=digest, stored_arrays=stored
+    )
+
+
+def _exact_scan(
+    arrays: dict[str, np.ndarray], prefix: str, rows: int, dim: int, inverse_norms: np.ndarray
+) -> CosineIndex:
+    """The exact scan a group was saved with; ValueError when its parts disagree with its rows."""
     sizes = arrays[prefix + "part_sizes"].astype(np.int64)
     part_rows = arrays[prefix + "part_rows"].astype(np.int64)
-    inverse_norms = arrays[prefix + "inverse_norms"].astype(np.float32)
-    if ids.shape != (rows,) or sizes.ndim != 1 or (sizes < 0).any() or int(sizes.sum()) != rows:
-        raise ValueError("cache shape differs from the store")
-    if part_rows.shape != (rows,) or len(inverse_norms) not in (0, rows):
+    if sizes.ndim != 1 or (sizes < 0).any() or int(sizes.sum()) != rows or part_rows.shape != (rows,):
         raise ValueError("cache shape differs from the store")
     if not np.array_equal(np.sort(part_rows), np.arange(rows)):
         raise ValueError("cache rows are not a permutation")
@@ -201,10 +226,4 @@ def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, most_rows:
     if any(index.ntotal != size or index.d != dim for index, size in zip(indexes, sizes, strict=True)):
         raise ValueError("cache index shape differs from the store")
     inverse = np.split(inverse_norms, starts) if len(inverse_norms) else [None] * len(sizes)
-    parts = [CosinePart(*part) for part in zip(indexes, np.split(part_rows, starts), inverse, strict=True)]
-    lists = arrays[prefix + "lists"]
-    if len(lists) not in (0, rows) or (len(lists) and (lists.min() < 0 or lists.max() >= MAX_LISTS)):
-        raise ValueError("cache lists differ from the store")
-    lists = lists.astype(np.int16)
-    digest = bytes(arrays[prefix + "codec_digest"])
-    return CodedGroup(codec_id, CosineIndex(parts), ids, lists=lists if len(lists) else None, codec_digest=digest)
+    return CosineIndex([CosinePart(*part) for part in zip(indexes, np.split(part_rows, starts), inverse, strict=True)])

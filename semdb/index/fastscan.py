@@ -285,8 +285,10 @@ class FastScan:
     def _fast_holding(self, ids: np.ndarray, codes: np.ndarray, lists: np.ndarray) -> Any:
         """A fast-scan index holding ``codes`` of ``ids`` in ``lists`` (all ``(n,)``/``(n, M/2)``)."""
         ivf = self._ivfpq()
-        order = np.argsort(lists, kind="stable")
-        bounds = np.searchsorted(lists[order], np.arange(self.faiss_lists + 1))
+        # uint16 where it fits: NumPy's stable sort is then a radix sort (6x faster than on int64).
+        keys = lists.astype(np.uint16) if self.faiss_lists <= 2**16 else lists
+        order = np.argsort(keys, kind="stable")
+        bounds = np.searchsorted(keys[order], np.arange(self.faiss_lists + 1))
         for list_no in np.flatnonzero(np.diff(bounds)).tolist():
             rows = order[bounds[list_no] : bounds[list_no + 1]]
             if len(rows):

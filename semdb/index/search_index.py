@@ -38,9 +38,12 @@ class CodedGroup:
     lists: np.ndarray | None = None
     codec_digest: bytes = b""
     make_index: Callable[[np.ndarray], faiss.Index] | None = None
+    # Codes (n, code_size) uint8 and 1/‖x̂‖ (n,) or None by row, as a cache file holds them until the
+    # group's fast scan is built from them (semdb.index.build); None otherwise.
+    stored_arrays: tuple[np.ndarray, np.ndarray | None] | None = None
 
     def __post_init__(self) -> None:
-        if self.index is None and (self.fast is None or self.make_index is None):
+        if self.index is None and self.stored_arrays is None and (self.fast is None or self.make_index is None):
             raise ValueError("a group without its exact index needs a fast scan and make_index to build it")
         self.share_ids()
 
@@ -60,6 +63,8 @@ class CodedGroup:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
         """``(codes (n, code_size) uint8 in the codec's own order, 1/‖x̂‖ (n,) float32 or None)`` by row."""
+        if self.stored_arrays is not None:
+            return self.stored_arrays
         if self.index is None:
             assert self.fast is not None
             # faiss_order swaps a byte's two words, or nothing: applied again it gives the codec's order.
