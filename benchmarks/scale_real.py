@@ -121,9 +121,8 @@ def searches(
         norms = cosine_arrays(cosine)[1]
         if norms is not None:
             spread = np.quantile(1 / norms[norms > 0], [0.01, 0.5, 0.99])
-            print(
-                f"{codec.describe()}: ‖x̂‖ 1st / 50th / 99th percentile {spread[0]:.3f} / {spread[1]:.3f} / {spread[2]:.3f}"
-            )
+            low, middle, high = spread.tolist()
+            print(f"{codec.describe()}: ‖x̂‖ 1st / 50th / 99th percentile {low:.3f} / {middle:.3f} / {high:.3f}")
         exact_ids, walls, cpus = timed(lambda q: cosine.search(q, K)[1], queries)
         truths = (exact_ids, float_truth)
         rows.append(measured("exact", exact_ids, walls, cpus, truths, float("nan"), exact_build))
