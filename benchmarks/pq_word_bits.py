@@ -6,6 +6,7 @@ its codes are 4-bit words. This measures what that layout costs in fidelity on t
 10-recall@10 against float) at the same bits per image. The default codec is not changed here.
 
     python benchmarks/pq_word_bits.py --bits 64,128
+    python benchmarks/pq_word_bits.py --bits 32,64,128 --data fashion
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import sys
 from pathlib import Path
 
 import faiss
+import numpy as np
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from codecs_cupl import load_cupl, protocol
+from codecs_cupl import Protocol, load_cupl, protocol
 
 from semdb.codecs import Codec, train_codec
 from semdb.codecs.faiss_codecs import PQCodec, train_pq
@@ -30,8 +32,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", default="64,128")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", choices=("cupl", "fashion"), default="cupl", help="fashion: the bundled model")
     args = parser.parse_args()
-    data = protocol(*load_cupl())
+    if args.data == "fashion":
+        from codecs_fashion import load_fashion
+
+        fashion = load_fashion()
+        data = Protocol(
+            train=fashion["train"],
+            test=fashion["test"],
+            test_labels=fashion["test_labels"],
+            queries=fashion["prompts"],
+            query_labels=np.arange(len(fashion["prompts"])),
+            n_train_classes=len(fashion["prompts"]),
+        )
+    else:
+        data = protocol(*load_cupl())
 
     def trained(name: str, bits: int) -> Codec:
         if name == "pq":
@@ -45,7 +61,8 @@ def main() -> None:
         data.train, data.test, data.test_labels, data.queries, data.query_labels,
         ["pq", "pq-4bit"], parse_bits(args.bits), seed=args.seed, trained=trained,
     )  # fmt: skip
-    Console(width=160).print(render_table(rows, "CuPL held-out classes: pq at 8-bit vs 4-bit words"))
+    title = "Fashion-MNIST, bundled model" if args.data == "fashion" else "CuPL held-out classes"
+    Console(width=160).print(render_table(rows, f"{title}: pq at 8-bit vs 4-bit words"))
 
 
 if __name__ == "__main__":
