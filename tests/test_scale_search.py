@@ -346,7 +346,11 @@ def test_a_fast_group_is_cached_by_its_codes_and_an_altered_one_is_rebuilt(
     with semdb.connect(path, codec="pcapq", bits=64, model="hf-hub:none/none") as db:
         db.add_embeddings([f"/nowhere/{i}.png" for i in range(len(x))], x)
         want = [[h.id for h in row] for row in db.search_vectors(queries, k=10)]
+        fast = db.index().coded[0].fast
         assert db.index().coded[0].index is None  # the fast scan alone: no exact scan built to save
+        # pcapq's layout is orthonormal: 1/‖x̂‖ comes from the candidates' words, none is held.
+        assert fast is not None and fast.norms_from_words and fast.inverse_norms is None
+        exact = [[h.id for h in row] for row in db.search_vectors(queries, k=10, exact=True)]
     arrays = cache._read_npz(cache_path(path), 2**30)
     assert arrays is not None and "g0_codes" in arrays and "g0_part_sizes" not in arrays
     with semdb.connect(path) as db:
@@ -364,3 +368,8 @@ def test_a_fast_group_is_cached_by_its_codes_and_an_altered_one_is_rebuilt(
         assert [[h.id for h in row] for row in db.search_vectors(queries, k=10)] == want
     rewritten = cache._read_npz(cache_path(path), 2**30)  # by the full read that replaced it
     assert rewritten is not None and rewritten["g0_codes"].shape == (len(x), 8)
+    # Cached with a fast scan that no longer applies: the exact scan from the cached codes, norms recomputed.
+    monkeypatch.setattr(build, "FAST_SCAN_MIN_ITEMS", 10**9)
+    with semdb.connect(path) as db:
+        assert db.index().coded[0].fast is None
+        assert [[h.id for h in row] for row in db.search_vectors(queries, k=10)] == exact

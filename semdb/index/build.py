@@ -100,7 +100,15 @@ def fast_scan(
     if layout is None:
         return None
     use_lists = lists is not None and coarse is not None and len(ids) >= LISTS_MIN_ITEMS
-    return FastScan.build(layout, ids, codes, norms, lists if use_lists else None, coarse if use_lists else None)
+    return FastScan.build(
+        layout,
+        ids,
+        codes,
+        norms,
+        lists if use_lists else None,
+        coarse if use_lists else None,
+        scaled=not codec.scores_unit_vectors,
+    )
 
 
 def _digest(row: CodecRow) -> bytes:
@@ -337,7 +345,10 @@ def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_code
         group.fast = fast_scan(codec, group.ids, codes, norms, group.lists, coarse)
         group.make_index = codec.search_index
         if group.fast is None and group.index is None:  # saved with a fast scan that no longer applies
-            group.index = CosineIndex.build(codes, codec.search_index, norms)
+            # (norms None here may be ones that fast scan computed from the codes: computed again)
+            group.index = CosineIndex.build(
+                codes, codec.search_index, norms if norms is not None else _norms(codec, codes)
+            )
         group.stored_arrays = None
         group.drop_exact_index()
         group.share_ids()

@@ -70,9 +70,9 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
         if group.index is None:
             # A fast scan without its exact scan: the codes and 1/‖x̂‖ by row, what a reopen builds
             # the fast scan from (an exact scan built just to be written would cost a full build's tenth).
-            codes, norms = group.arrays()
+            codes, norms = group.arrays(held_norms_only=True)
             arrays[prefix + "codes"] = codes
-            # An empty array stands for None: reconstructions already unit-norm.
+            # An empty array stands for None: unit-norm reconstructions, or norms the fast scan computes.
             arrays[prefix + "inverse_norms"] = (norms if norms is not None else np.empty(0)).astype(np.float32)
         else:
             parts = group.index.parts

@@ -26,6 +26,7 @@ full fast scan. Restrictions (``allowed`` image ids) run inside the scan as an `
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -111,24 +112,32 @@ class FourBitLayout:
         table; otherwise ``rᵀ G r`` with the ``(m, m)`` Gram matrix ``G = matrix · matrixᵀ``.
         """
         words = self.words
-        squares = None
         gram = None
-        if self.matrix is None or self.orthonormal:
-            squares = (self.centroids.astype(np.float64) ** 2).sum(axis=2)  # (M, 16)
-        else:
+        if not (self.matrix is None or self.orthonormal):
             gram = (self.matrix.astype(np.float64) @ self.matrix.T.astype(np.float64)).astype(np.float32)
         out = np.empty(len(codes), np.float32)
         offsets = np.arange(words) * WORDS
         for start in range(0, len(codes), chunk):
             part = self.words_of(self.faiss_order(codes[start : start + chunk])).astype(np.int64)  # (c, M)
-            if squares is not None:
-                total = squares.ravel()[part + offsets].sum(axis=1)
-            else:
-                r = self.centroids[np.arange(words), part].reshape(len(part), -1)  # (c, m)
-                total = np.einsum("ij,ij->i", r @ gram, r, dtype=np.float64)
-            norms = np.sqrt(np.maximum(total, 0.0))
+            if gram is None:
+                out[start : start + len(part)] = self.table_inverse_norms(part + offsets)
+                continue
+            r = self.centroids[np.arange(words), part].reshape(len(part), -1)  # (c, m)
+            norms = np.sqrt(np.maximum(np.einsum("ij,ij->i", r @ gram, r, dtype=np.float64), 0.0))
             out[start : start + len(part)] = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
         return out
+
+    @functools.cached_property
+    def squares(self) -> np.ndarray:
+        """``(M * 16,)`` float64 squared norms of the centroids, word ``m``'s ``w`` at ``16 m + w``."""
+        return (self.centroids.astype(np.float64) ** 2).sum(axis=2).ravel()
+
+    def table_inverse_norms(self, flat: np.ndarray) -> np.ndarray:
+        """``1/‖x̂‖`` float32 of codes given as ``(..., M)`` int64 indices ``16 m + word_m`` (0 for a zero
+        vector), for a layout with orthonormal rows: the table sum that :meth:`inverse_norms` and the
+        fast scan's re-rank both use, so that both give the same bits."""
+        norms = np.sqrt(np.maximum(self.squares[flat].sum(axis=-1), 0.0))
+        return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
 
 
 def _linear_chain(index: Any) -> tuple[np.ndarray | None, Any]:
@@ -255,6 +264,9 @@ class FastScan:
         self.ids = np.empty(0, np.int64)
         self.codes = np.empty((0, layout.words // 2), np.uint8)
         self.inverse_norms: np.ndarray | None = None
+        # Scores are scaled by 1/‖x̂‖ but none are held: computed from the candidates' words at the
+        # re-rank (orthonormal layouts, where that is a table sum): 4 bytes per item fewer.
+        self.norms_from_words = False
 
     # --- building -------------------------------------------------------------------------------
 
@@ -316,12 +328,29 @@ class FastScan:
         inverse_norms: np.ndarray | None,
         lists: np.ndarray | None = None,
         coarse: np.ndarray | None = None,
+        *,
+        scaled: bool | None = None,
     ) -> FastScan:
         """The fast scan of ``codes`` ``(n, M/2)`` uint8 (the codec's own order) of image ``ids``
-        ``(n,)``; ``lists`` ``(n,)`` their inverted lists under ``coarse`` (both None: one list)."""
+        ``(n,)``; ``lists`` ``(n,)`` their inverted lists under ``coarse`` (both None: one list).
+
+        ``scaled``: whether scores are divided by ``‖x̂‖`` (default: ``inverse_norms`` is given); an
+        orthonormal layout then holds no norms (:attr:`norms_from_words`), another computes them
+        from the codes when ``inverse_norms`` is None."""
+        scaled = inverse_norms is not None if scaled is None else scaled
+        from_words = scaled and layout.orthonormal
+        if scaled and not from_words and inverse_norms is None:
+            inverse_norms = layout.inverse_norms(codes)
         scan = cls(layout, coarse if lists is not None else None, norm_bands(layout, inverse_norms))
+        scan.norms_from_words = from_words
         scan.add(ids, codes, inverse_norms, lists)
         return scan
+
+    def inverse_norms_by_row(self) -> np.ndarray | None:
+        """``(n,)`` float32 ``1/‖x̂‖`` by row (computed when :attr:`norms_from_words`), or None (unit)."""
+        if self.norms_from_words:
+            return self.layout.inverse_norms(self.layout.faiss_order(self.codes))
+        return self.inverse_norms
 
     def _faiss_lists(self, lists: np.ndarray, inverse_norms: np.ndarray | None) -> np.ndarray:
         """FAISS list of items in inverted ``lists`` ``(n,)`` with ``inverse_norms`` ``(n,)`` (or None)."""
@@ -350,7 +379,7 @@ class FastScan:
         held = len(self.ids)
         self.ids = np.insert(self.ids, at, ids[order])
         self.codes = np.insert(self.codes, at, codes[order], axis=0)
-        if inverse_norms is not None or self.inverse_norms is not None:
+        if not self.norms_from_words and (inverse_norms is not None or self.inverse_norms is not None):
             old = self.inverse_norms if self.inverse_norms is not None else np.ones(held, np.float32)
             new = np.asarray(inverse_norms, np.float32) if inverse_norms is not None else np.ones(len(ids), np.float32)
             self.inverse_norms = np.insert(old, at, new[order])
@@ -495,7 +524,9 @@ class FastScan:
         tables = np.einsum("qmd,mwd->qmw", y.reshape(q, layout.words, -1), layout.centroids).reshape(q, -1)
         flat = words.astype(np.int64) + np.arange(layout.words) * WORDS  # (q, R, M) into tables' rows
         exact = tables[np.arange(q)[:, None, None], flat].sum(axis=2)
-        if self.inverse_norms is not None:
+        if self.norms_from_words:
+            exact = exact * layout.table_inverse_norms(flat)
+        elif self.inverse_norms is not None:
             exact = exact * self.inverse_norms[rows]
         exact = np.where(valid, exact, -np.inf).astype(np.float32)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]

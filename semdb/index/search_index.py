@@ -61,14 +61,18 @@ class CodedGroup:
             self.index = CosineIndex.build(codes, self.make_index, norms)
         return self.index
 
-    def arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(codes (n, code_size) uint8 in the codec's own order, 1/‖x̂‖ (n,) float32 or None)`` by row."""
+    def arrays(self, held_norms_only: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(codes (n, code_size) uint8 in the codec's own order, 1/‖x̂‖ (n,) float32 or None)`` by row.
+
+        ``held_norms_only``: None for norms a fast scan computes from the codes rather than holds (what
+        the cache writes: the fast scan built from the file computes them the same way)."""
         if self.stored_arrays is not None:
             return self.stored_arrays
         if self.index is None:
             assert self.fast is not None
             # faiss_order swaps a byte's two words, or nothing: applied again it gives the codec's order.
-            return self.fast.layout.faiss_order(self.fast.codes), self.fast.inverse_norms
+            codes = self.fast.layout.faiss_order(self.fast.codes)
+            return codes, self.fast.inverse_norms if held_norms_only else self.fast.inverse_norms_by_row()
         return cosine_arrays(self.index)
 
     def drop_exact_index(self) -> None:
