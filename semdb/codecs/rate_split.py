@@ -1,0 +1,201 @@
+"""A rate split: part of the bits for a primary code, the rest for a plain PQ of what it missed.
+
+The query-weighted default spends its bits on the directions queries look along; item→item search
+needs the directions in which the items themselves differ too. A rate split codes an item twice:
+the primary codec (query-weighted ``pqvae-pca``) at ``bits − residual_bits``, then the residual
+``e = ‖v‖ x − v`` of its scored vector ``v`` (in the searched, unweighted space; scaled so that the
+sum points along ``x``) by a small product quantiser of 16-word codebooks over the residual's own
+principal axes. The item is ``v + B ê``: a sum of the two decodes, and a search scores
+
+    <q, v + Bᵀ ĉ> = <A₁ q, r₁(code₁)> + <B q, r₂(code₂)> = <[A₁; B] q, [r₁; r₂]>
+
+— one product quantiser over the lifted space ``[A₁; B] q`` whose sub-quantisers are the primary's
+and the residual's, on disjoint coordinates of that space. So with the residual's sub-vectors as
+wide as the primary's (``residual_dims``, the primary's latent width by default) the whole code is
+one 4-bit-word PQ: FAISS scans it (:attr:`RateSplitCodec.scanner`) and semdb's fast scan reads its
+layout (:func:`semdb.index.fastscan.four_bit_layout`). Words are packed as semdb's pqvae packs them
+(first word of a byte in its high nibble), the primary's words first.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Self
+
+import faiss
+import numpy as np
+
+from semdb.codecs.base import Codec, as_embeddings, check_bits
+from semdb.codecs.faiss_codecs import byte_aligned_pq, index_holding, transformed_index
+from semdb.errors import InvalidArgumentError
+
+WORD_BITS = 4
+WORDS = 2**WORD_BITS
+
+
+def _primary_layout(primary: Codec) -> tuple[np.ndarray, np.ndarray]:
+    """``(matrix (m₁, d), centroids (M₁, 16, e))`` of a 4-bit-word primary codec, packed high-first."""
+    from semdb.index.fastscan import four_bit_layout
+
+    layout = four_bit_layout(primary)
+    if layout is None or not layout.high_first or layout.matrix is None:
+        raise InvalidArgumentError(f"a rate split needs a 4-bit-word primary codec, got {primary.describe()}")
+    return layout.matrix, layout.centroids
+
+
+def pack_words(words: np.ndarray) -> np.ndarray:
+    """``(n, M)`` 4-bit word indices, ``M`` even → ``(n, M/2)`` uint8, first word in the high nibble."""
+    w = words.astype(np.uint8).reshape(len(words), -1, 2)
+    return np.ascontiguousarray((w[:, :, 0] << 4) | w[:, :, 1])
+
+
+def unpack_words(codes: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_words` → ``(n, M)`` int64."""
+    return np.stack([codes >> 4, codes & 0x0F], axis=2).reshape(len(codes), -1).astype(np.int64)
+
+
+def nearest_words(vectors: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """``(n, M·e)`` sub-vectors, ``centroids`` ``(M, 16, e)`` → ``(n, M)`` nearest words (L2)."""
+    M, _, e = centroids.shape
+    sub = vectors.reshape(len(vectors), M, e)
+    distances = (
+        (sub**2).sum(2)[:, :, None] - 2 * np.einsum("nme,mke->nmk", sub, centroids) + (centroids**2).sum(2)[None]
+    )
+    return distances.argmin(2)
+
+
+class RateSplitCodec(Codec):
+    """A primary codec's code followed by a plain 4-bit PQ of its residual (module docstring)."""
+
+    name = "rate-split"
+
+    def __init__(self, primary: Codec, basis: np.ndarray, centroids: np.ndarray) -> None:
+        words = centroids.shape[0]
+        super().__init__(primary.dim, primary.bits_per_image + words * WORD_BITS)
+        self.primary = primary
+        self.basis = np.ascontiguousarray(basis, dtype=np.float32)  # B (m₂, d), orthonormal rows
+        self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)  # (M₂, 16, e)
+
+    @classmethod
+    def train(  # type: ignore[override]
+        cls,
+        embeddings: np.ndarray,
+        bits_per_image: int,
+        seed: int = 0,
+        *,
+        primary: Codec,
+        residual_dims: int = 0,
+    ) -> Self:
+        """Fit the residual PQ of ``primary`` (trained already, on these ``embeddings`` ``(n, d)``)
+        so that the whole code has ``bits_per_image`` bits; ``residual_dims``: axes per residual
+        sub-vector (0: the primary's latent width, which keeps the code one fast-scannable PQ)."""
+        from semdb.codecs.pcapq import principal_basis
+
+        check_bits(bits_per_image)
+        x = as_embeddings(embeddings, primary.dim)
+        residual_bits = bits_per_image - primary.bits_per_image
+        if residual_bits <= 0 or residual_bits % 8:
+            raise InvalidArgumentError(
+                f"a rate split needs a positive multiple of 8 residual bits, got {bits_per_image} − "
+                f"{primary.bits_per_image}"
+            )
+        _, primary_centroids = _primary_layout(primary)
+        e = residual_dims or primary_centroids.shape[2]
+        words = residual_bits // WORD_BITS
+        if words * e > primary.dim:
+            raise InvalidArgumentError(f"{words} residual words of {e} axes exceed the {primary.dim} dimensions")
+        residual = _residuals(primary, x)
+        basis = principal_basis(residual, words * e)
+        projected = np.ascontiguousarray(residual @ basis.T)
+        centroids = np.stack(
+            [_codebook(projected[:, j * e : (j + 1) * e], seed + j) for j in range(words)]
+        )
+        return cls(primary, basis, centroids)
+
+    def encode(self, embeddings: np.ndarray) -> np.ndarray:
+        """``(n, d)`` → ``(n, code_size)`` uint8: the primary's code, then the residual's words."""
+        x = as_embeddings(embeddings, self.dim)
+        first = self.primary.encode(x)
+        residual = _residuals(self.primary, x, first)
+        words = nearest_words(residual @ self.basis.T, self.centroids)
+        return np.ascontiguousarray(np.hstack([first, pack_words(words)]))
+
+    def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
+        """``(n, code_size)`` → ``(n, d)``: the primary's scored vector plus the decoded residual."""
+        c = self.check_codes(codes)
+        split = self.primary.code_size
+        words = unpack_words(c[:, split:])
+        residual = self.centroids[np.arange(self.centroids.shape[0]), words].reshape(len(c), -1) @ self.basis
+        vectors: np.ndarray = (self.primary.scored_vectors(c[:, :split]) + residual).astype(np.float32)
+        return vectors
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """``(n, code_size)`` → ``(n, d)`` unit-norm reconstructions."""
+        v = self.scored_vectors(codes)
+        norms = np.linalg.norm(v, axis=1, keepdims=True)
+        out: np.ndarray = np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
+        return out
+
+    @cached_property
+    def layout(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(matrix (m₁ + m₂, d), centroids (M₁ + M₂, 16, e))``: the whole code as one PQ, or a
+        ``ValueError`` when the residual's sub-vectors are not as wide as the primary's."""
+        matrix, centroids = _primary_layout(self.primary)
+        if centroids.shape[2] != self.centroids.shape[2]:
+            raise ValueError("residual sub-vectors differ in width from the primary's: not one PQ")
+        return np.vstack([matrix, self.basis]), np.concatenate([centroids, self.centroids])
+
+    @cached_property
+    def scanner(self) -> faiss.Index | None:
+        """An empty FAISS index scoring the codes as one 4-bit PQ in the lifted space, or None."""
+        try:
+            matrix, centroids = self.layout
+        except ValueError:
+            return None
+        scanner: faiss.Index = transformed_index(matrix, byte_aligned_pq(centroids, WORD_BITS, first_index_high=True))
+        return scanner
+
+    def search_index(self, codes: np.ndarray) -> faiss.Index:
+        """The codes scanned by :attr:`scanner`, or the decoded vectors in a flat index."""
+        if self.scanner is None:
+            index = faiss.IndexFlatIP(self.dim)
+            if len(codes):
+                index.add(self.scored_vectors(codes))
+            return index
+        return index_holding(self.scanner, self.check_codes(codes))
+
+    def to_bytes(self) -> bytes:
+        """Not stored yet: the rate split is measured by the benchmarks only."""
+        raise NotImplementedError("the rate-split codec cannot be stored yet")
+
+    @classmethod
+    def from_bytes(cls, state: bytes) -> Self:
+        """Not stored yet (:meth:`to_bytes`)."""
+        raise NotImplementedError("the rate-split codec cannot be stored yet")
+
+    def describe(self) -> str:
+        """E.g. ``pqvae-pca 48 bits (...), query-weighted + residual pq 16 bits (4 x 6 axes)``."""
+        M, _, e = self.centroids.shape
+        return f"{self.primary.describe()} + residual pq {M * WORD_BITS} bits ({M} x {e} axes)"
+
+
+def _residuals(primary: Codec, x: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+    """``‖v‖ x − v`` ``(n, d)`` float32 for the primary's scored vectors ``v`` of ``x`` (unit rows)."""
+    out = np.empty_like(x)
+    for start in range(0, len(x), 65_536):
+        part = x[start : start + 65_536]
+        c = primary.encode(part) if codes is None else codes[start : start + 65_536]
+        v = primary.scored_vectors(c)
+        out[start : start + len(part)] = np.linalg.norm(v, axis=1, keepdims=True) * part - v
+    return out
+
+
+
+def _codebook(points: np.ndarray, seed: int) -> np.ndarray:
+    """16 k-means centroids ``(16, e)`` of ``points`` ``(n, e)`` (FAISS, seeded, 25 iterations)."""
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    if len(points) <= WORDS:
+        return points[np.arange(WORDS) % max(len(points), 1)] if len(points) else np.zeros((WORDS, points.shape[1]), np.float32)
+    kmeans = faiss.Kmeans(points.shape[1], WORDS, niter=25, seed=seed, max_points_per_centroid=100_000)
+    kmeans.train(points)
+    return np.asarray(kmeans.centroids, dtype=np.float32)
