@@ -3,7 +3,7 @@
 The query-weighted default spends its bits on the directions queries look along; item→item search
 needs the directions in which the items themselves differ too. A rate split codes an item twice:
 the primary codec (query-weighted ``pqvae-pca``) at ``bits − residual_bits``, then the residual
-``e = ‖v‖ x − v`` of its scored vector ``v`` (in the searched, unweighted space; scaled so that the
+``e = ⟨x, v⟩ x − v`` of its scored vector ``v`` (in the searched, unweighted space; scaled so that the
 sum points along ``x``) by a small product quantiser of 16-word codebooks over the residual's own
 principal axes. The item is ``v + B ê``: a sum of the two decodes, and a search scores
 
@@ -69,12 +69,17 @@ class RateSplitCodec(Codec):
 
     name = "rate-split"
 
-    def __init__(self, primary: Codec, basis: np.ndarray, centroids: np.ndarray) -> None:
+    def __init__(
+        self, primary: Codec, basis: np.ndarray, centroids: np.ndarray, decoder: np.ndarray | None = None
+    ) -> None:
         words = centroids.shape[0]
         super().__init__(primary.dim, primary.bits_per_image + words * WORD_BITS)
         self.primary = primary
         self.basis = np.ascontiguousarray(basis, dtype=np.float32)  # B (m₂, d), orthonormal rows
         self.centroids = np.ascontiguousarray(centroids, dtype=np.float32)  # (M₂, 16, e)
+        # (m₁ + m₂, d): the lifted code r → its scored vector r · decoder, refitted by least squares
+        # (``refit``); None: [A₁; B], the primary's own decoder plus the residual's basis.
+        self.decoder = None if decoder is None else np.ascontiguousarray(decoder, dtype=np.float32)
 
     @classmethod
     def train(  # type: ignore[override]
@@ -85,16 +90,19 @@ class RateSplitCodec(Codec):
         *,
         primary: Codec,
         residual_dims: int = 0,
+        refit: bool = False,
     ) -> Self:
         """Fit the residual PQ of ``primary`` (trained already, on these ``embeddings`` ``(n, d)``)
         so that the whole code has ``bits_per_image`` bits; ``residual_dims``: axes per residual
-        sub-vector (0: the primary's latent width, which keeps the code one fast-scannable PQ)."""
+        sub-vector (0: the primary's latent width, which keeps the code one fast-scannable PQ).
+        ``refit``: then replace the decoder of the whole lifted code by the least-squares map onto
+        ``embeddings`` (:func:`refit_decoder`); ``residual_bits`` may then be 0."""
         from semdb.codecs.pcapq import principal_basis
 
         check_bits(bits_per_image)
         x = as_embeddings(embeddings, primary.dim)
         residual_bits = bits_per_image - primary.bits_per_image
-        if residual_bits <= 0 or residual_bits % 8:
+        if residual_bits < 0 or residual_bits % 8 or not (residual_bits or refit):
             raise InvalidArgumentError(
                 f"a rate split needs a positive multiple of 8 residual bits, got {bits_per_image} − "
                 f"{primary.bits_per_image}"
@@ -104,25 +112,40 @@ class RateSplitCodec(Codec):
         words = residual_bits // WORD_BITS
         if words * e > primary.dim:
             raise InvalidArgumentError(f"{words} residual words of {e} axes exceed the {primary.dim} dimensions")
-        residual = _residuals(primary, x)
-        basis = principal_basis(residual, words * e)
-        projected = np.ascontiguousarray(residual @ basis.T)
-        centroids = np.stack(
-            [_codebook(projected[:, j * e : (j + 1) * e], seed + j) for j in range(words)]
-        )
-        return cls(primary, basis, centroids)
+        if words:
+            residual = _residuals(primary, x)
+            basis = principal_basis(residual, words * e)
+            projected = np.ascontiguousarray(residual @ basis.T)
+            centroids = np.stack([_codebook(projected[:, j * e : (j + 1) * e], seed + j) for j in range(words)])
+        else:
+            basis, centroids = np.zeros((0, primary.dim), np.float32), np.zeros((0, WORDS, e), np.float32)
+        codec = cls(primary, basis, centroids)
+        if not refit:
+            return codec
+        return cls(primary, basis, centroids, refit_decoder(codec, x))
 
     def encode(self, embeddings: np.ndarray) -> np.ndarray:
         """``(n, d)`` → ``(n, code_size)`` uint8: the primary's code, then the residual's words."""
         x = as_embeddings(embeddings, self.dim)
         first = self.primary.encode(x)
-        residual = _residuals(self.primary, x, first)
-        words = nearest_words(residual @ self.basis.T, self.centroids)
-        return np.ascontiguousarray(np.hstack([first, pack_words(words)]))
+        if not len(self.centroids):
+            return first
+        parts = []
+        for start in range(0, len(x), 16_384):
+            part, codes = x[start : start + 16_384], first[start : start + 16_384]
+            v = self.primary.scored_vectors(codes)
+            words = nearest_words(_off_line(v, part) @ self.basis.T, self.centroids)
+            if self.decoder is None:
+                words = closest_in_angle(part, v, self.basis, self.centroids, words)
+            parts.append(pack_words(words))
+        return np.ascontiguousarray(np.hstack([first, np.concatenate(parts)]))
 
     def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
         """``(n, code_size)`` → ``(n, d)``: the primary's scored vector plus the decoded residual."""
         c = self.check_codes(codes)
+        if self.decoder is not None:
+            refitted: np.ndarray = self.lifted(c) @ self.decoder
+            return refitted
         split = self.primary.code_size
         words = unpack_words(c[:, split:])
         residual = self.centroids[np.arange(self.centroids.shape[0]), words].reshape(len(c), -1) @ self.basis
@@ -143,7 +166,15 @@ class RateSplitCodec(Codec):
         matrix, centroids = _primary_layout(self.primary)
         if centroids.shape[2] != self.centroids.shape[2]:
             raise ValueError("residual sub-vectors differ in width from the primary's: not one PQ")
-        return np.vstack([matrix, self.basis]), np.concatenate([centroids, self.centroids])
+        lifted = np.vstack([matrix, self.basis]) if self.decoder is None else self.decoder
+        return lifted, np.concatenate([centroids, self.centroids])
+
+    def lifted(self, codes: np.ndarray) -> np.ndarray:
+        """``(n, code_size)`` → ``(n, m₁ + m₂)``: the concatenated centroids the words select."""
+        _, centroids = self.layout
+        words = unpack_words(self.check_codes(codes))
+        lifted: np.ndarray = centroids[np.arange(len(centroids)), words].reshape(len(words), -1)
+        return lifted
 
     @cached_property
     def scanner(self) -> faiss.Index | None:
@@ -179,14 +210,53 @@ class RateSplitCodec(Codec):
         return f"{self.primary.describe()} + residual pq {M * WORD_BITS} bits ({M} x {e} axes)"
 
 
+def _off_line(v: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``⟨x, v⟩ x − v``: the part of ``v`` off the line of the unit rows ``x``, sign changed."""
+    out: np.ndarray = (v * x).sum(axis=1, keepdims=True) * x - v
+    return out
+
+
+def closest_in_angle(
+    x: np.ndarray, v: np.ndarray, basis: np.ndarray, centroids: np.ndarray, words: np.ndarray, sweeps: int = 3
+) -> np.ndarray:
+    """The residual words ``(n, M₂)`` that make ``v + Bᵀ ĉ`` point closest to ``x`` (largest cosine),
+    by coordinate ascent from ``words``: search ranks by cosine, so the angle, not the distance to a
+    target, is what the residual should shrink. ``x``, ``v``: ``(n, d)``; ``basis`` ``(M₂·e, d)``
+    orthonormal rows; ``centroids`` ``(M₂, 16, e)``. With the subspaces disjoint and orthonormal,
+    ``⟨x, r⟩ = ⟨x, v⟩ + Σⱼ ⟨xⱼ, cⱼ⟩`` and ``‖r‖² = ‖v‖² + Σⱼ (‖cⱼ‖² + 2 ⟨vⱼ, cⱼ⟩)``, so each word's
+    16 choices are scored from ``(n, 16)`` tables."""
+    M, _, e = centroids.shape
+    xs = (x @ basis.T).reshape(len(x), M, e)
+    vs = (v @ basis.T).reshape(len(x), M, e)
+    along = np.einsum("nme,mke->nmk", xs, centroids)  # (n, M, 16): ⟨xⱼ, c⟩
+    square = (centroids**2).sum(2)[None] + 2 * np.einsum("nme,mke->nmk", vs, centroids)  # ‖c‖² + 2⟨vⱼ, c⟩
+    chosen = words.copy()
+    rows = np.arange(len(x))[:, None]
+    picked_along = np.take_along_axis(along, chosen[:, :, None], 2)[:, :, 0]
+    picked_square = np.take_along_axis(square, chosen[:, :, None], 2)[:, :, 0]
+    base_along, base_square = (x * v).sum(1), (v * v).sum(1)
+    for _ in range(sweeps):
+        for j in range(M):
+            a = base_along + picked_along.sum(1) - picked_along[:, j]
+            b = base_square + picked_square.sum(1) - picked_square[:, j]
+            cosine = (a[:, None] + along[:, j]) / np.sqrt(np.maximum(b[:, None] + square[:, j], 1e-12))
+            best = cosine.argmax(1)
+            chosen[:, j] = best
+            picked_along[:, j] = along[rows[:, 0], j, best]
+            picked_square[:, j] = square[rows[:, 0], j, best]
+    return chosen
+
+
 def _residuals(primary: Codec, x: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
-    """``‖v‖ x − v`` ``(n, d)`` float32 for the primary's scored vectors ``v`` of ``x`` (unit rows)."""
+    """``⟨x, v⟩ x − v`` ``(n, d)`` float32 for the primary's scored vectors ``v`` of ``x`` (unit rows): the
+    part of ``v`` off the line of ``x``, sign changed — the sum then points along ``x`` without the
+    residual having to rescale what ``v`` already got right."""
     out = np.empty_like(x)
     for start in range(0, len(x), 65_536):
         part = x[start : start + 65_536]
         c = primary.encode(part) if codes is None else codes[start : start + 65_536]
         v = primary.scored_vectors(c)
-        out[start : start + len(part)] = np.linalg.norm(v, axis=1, keepdims=True) * part - v
+        out[start : start + len(part)] = _off_line(v, part)
     return out
 
 
@@ -195,7 +265,30 @@ def _codebook(points: np.ndarray, seed: int) -> np.ndarray:
     """16 k-means centroids ``(16, e)`` of ``points`` ``(n, e)`` (FAISS, seeded, 25 iterations)."""
     points = np.ascontiguousarray(points, dtype=np.float32)
     if len(points) <= WORDS:
-        return points[np.arange(WORDS) % max(len(points), 1)] if len(points) else np.zeros((WORDS, points.shape[1]), np.float32)
+        return points[np.arange(WORDS) % len(points)] if len(points) else np.zeros((WORDS, points.shape[1]), np.float32)
     kmeans = faiss.Kmeans(points.shape[1], WORDS, niter=25, seed=seed, max_points_per_centroid=100_000)
     kmeans.train(points)
-    return np.asarray(kmeans.centroids, dtype=np.float32)
+    centroids = np.array(kmeans.centroids, dtype=np.float32)
+    # One word is "no correction", so that the angle search (closest_in_angle) can always do no harm.
+    centroids[np.argmin((centroids**2).sum(1))] = 0
+    return centroids
+
+
+def refit_decoder(codec: RateSplitCodec, x: np.ndarray, ridge: float = 1e-6) -> np.ndarray:
+    """``(m, d)``: the linear map of the lifted codes ``R`` of ``x`` ``(n, d)`` onto ``x`` with the
+    least squared error, ``(RᵀR + ε)⁻¹ RᵀX``.
+
+    The original decoder is one such linear map, so on ``x`` the refit's error covariance
+    ``E[(x − x̂)(x − x̂)ᵀ]`` is no larger in any direction: every query's score error
+    ``E⟨q, x − x̂⟩²`` (text or item) is at most what it was.
+    """
+    gram, cross = None, None
+    for start in range(0, len(x), 65_536):
+        part = x[start : start + 65_536]
+        r = codec.lifted(codec.encode(part)).astype(np.float64)
+        gram = r.T @ r if gram is None else gram + r.T @ r
+        cross = r.T @ part if cross is None else cross + r.T @ part
+    assert gram is not None and cross is not None
+    scale = max(float(np.trace(gram)) / len(gram), 1e-12)
+    decoder: np.ndarray = np.linalg.solve(gram + ridge * scale * np.eye(len(gram)), cross).astype(np.float32)
+    return decoder
