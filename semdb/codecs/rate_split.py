@@ -260,7 +260,6 @@ def _residuals(primary: Codec, x: np.ndarray, codes: np.ndarray | None = None) -
     return out
 
 
-
 def _codebook(points: np.ndarray, seed: int) -> np.ndarray:
     """16 k-means centroids ``(16, e)`` of ``points`` ``(n, e)`` (FAISS, seeded, 25 iterations)."""
     points = np.ascontiguousarray(points, dtype=np.float32)
