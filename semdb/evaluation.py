@@ -136,7 +136,8 @@ def evaluate_codecs(
             seconds = time.perf_counter() - start
             codes = codec.encode(test)
             index = codec.cosine_index(codes)
-            _, found = index.search(recall_queries, k)
+            # Item queries go through the codec's item path where it has one (Codec.item_cosine_index).
+            _, found = (codec.item_cosine_index(codes) or index).search(recall_queries, k)
             add(
                 name,
                 codec.bits_per_image,
