@@ -64,3 +64,30 @@ def test_a_rate_split_refuses_what_it_cannot_code() -> None:
     codes = codec.encode(x[:50])
     scores, found = codec.search_index(codes).search(x[:3], 2)
     np.testing.assert_allclose(scores, np.take_along_axis(x[:3] @ codec.scored_vectors(codes).T, found, 1), atol=1e-4)
+
+
+def test_a_residual_for_item_queries_leaves_text_queries_to_the_primary() -> None:
+    x, q = broad()
+    hyper = {"steps": 20, "residual_bits": 8, "item_residual": 1, "item_decoder": 1}
+    codec = train_for_database(x, codec=None, bits=64, fidelity=None, queries=lambda _: q, **hyper).codec
+    assert isinstance(codec, RateSplitCodec) and codec.items_only
+    codes = codec.encode(x[:300])
+    first = codes[:, : codec.primary.code_size]
+    np.testing.assert_allclose(codec.scored_vectors(codes), codec.primary.scored_vectors(first), atol=1e-6)
+    layout = four_bit_layout(codec)  # text queries: the residual's words score zero
+    assert layout is not None and layout.matrix is not None
+    words = layout.words_of(layout.faiss_order(codes))
+    lifted = layout.centroids[np.arange(layout.words), words].reshape(len(codes), -1)
+    np.testing.assert_allclose(lifted @ layout.matrix, codec.scored_vectors(codes), atol=1e-4)
+    items, alone = codec.item_vectors(codes), codec.primary.item_vectors(first)  # type: ignore[attr-defined]
+    assert items is not None and alone is not None
+    unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)  # noqa: E731
+    assert (unit(items) * x[:300]).sum(1).mean() > (unit(alone) * x[:300]).sum(1).mean() + 0.01
+    index = codec.item_cosine_index(codes)
+    assert index is not None
+    _, found = index.search(x[:3], 3)
+    assert (found == np.argsort(-(x[:3] @ unit(items).T), axis=1)[:, :3]).mean() > 0.9
+    with pytest.raises(InvalidArgumentError):  # an item residual needs an item decoder
+        train_for_database(
+            x, codec=None, bits=64, fidelity=None, queries=lambda _: q, steps=5, residual_bits=8, item_residual=1
+        )

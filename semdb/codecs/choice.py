@@ -152,12 +152,15 @@ def train_for_database(
         residual_bits = int(settings.pop("residual_bits", 0))
         residual_dims = int(settings.pop("residual_dims", 0))
         refit = bool(settings.pop("refit", 0))
+        items_only = bool(settings.pop("item_residual", 0))
         if not ((residual_bits or refit) and weighted and name == LEARNED_CODEC):
             return train_codec(name, train, check_bits(rate), seed=seed, queries=weights, **settings)
         from semdb.codecs.rate_split import RateSplitCodec
 
         primary = train_codec(name, train, check_bits(rate - residual_bits), seed=seed, queries=weights, **settings)
-        return RateSplitCodec.train(train, rate, seed, primary=primary, residual_dims=residual_dims, refit=refit)
+        return RateSplitCodec.train(
+            train, rate, seed, primary=primary, residual_dims=residual_dims, refit=refit, items_only=items_only
+        )
 
     def fidelity_of(trained: Codec) -> Fidelity | None:
         return measure(trained, x, held_out, query_sample()) if len(held_out) else None

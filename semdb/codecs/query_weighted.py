@@ -201,6 +201,12 @@ class QueryWeightedCodec(Codec):
         index: faiss.Index = transformed_index(self.inverse, self.base.search_index(codes))
         return index
 
+    def item_vectors(self, codes: np.ndarray) -> np.ndarray | None:
+        """The base codec's vectors for item queries (already in the searched space), or None."""
+        decode_items = getattr(self.base, "item_vectors", None)
+        vectors: np.ndarray | None = None if decode_items is None else decode_items(self.check_codes(codes))
+        return vectors
+
     def item_cosine_index(self, codes: np.ndarray) -> CosineIndex | None:
         """With a base codec that decodes items for item queries itself (``item_decoder``, already
         in the searched space: no ``W⁻¹``), those vectors by cosine in a flat index; else None."""

@@ -19,6 +19,7 @@ layout (:func:`semdb.index.fastscan.four_bit_layout`). Words are packed as semdb
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cached_property
 from typing import Self
 
@@ -27,6 +28,7 @@ import numpy as np
 
 from semdb.codecs.base import Codec, as_embeddings, check_bits
 from semdb.codecs.faiss_codecs import byte_aligned_pq, index_holding, transformed_index
+from semdb.cosine import CosineIndex, inverse_norms
 from semdb.errors import InvalidArgumentError
 
 WORD_BITS = 4
@@ -70,7 +72,12 @@ class RateSplitCodec(Codec):
     name = "rate-split"
 
     def __init__(
-        self, primary: Codec, basis: np.ndarray, centroids: np.ndarray, decoder: np.ndarray | None = None
+        self,
+        primary: Codec,
+        basis: np.ndarray,
+        centroids: np.ndarray,
+        decoder: np.ndarray | None = None,
+        items_only: bool = False,
     ) -> None:
         words = centroids.shape[0]
         super().__init__(primary.dim, primary.bits_per_image + words * WORD_BITS)
@@ -80,6 +87,9 @@ class RateSplitCodec(Codec):
         # (m₁ + m₂, d): the lifted code r → its scored vector r · decoder, refitted by least squares
         # (``refit``); None: [A₁; B], the primary's own decoder plus the residual's basis.
         self.decoder = None if decoder is None else np.ascontiguousarray(decoder, dtype=np.float32)
+        # True: the residual corrects the primary's item vectors (its item decoder) and serves item
+        # queries only; text queries score the primary's code alone (the residual's rows are zero).
+        self.items_only = items_only
 
     @classmethod
     def train(  # type: ignore[override]
@@ -91,6 +101,7 @@ class RateSplitCodec(Codec):
         primary: Codec,
         residual_dims: int = 0,
         refit: bool = False,
+        items_only: bool = False,
     ) -> Self:
         """Fit the residual PQ of ``primary`` (trained already, on these ``embeddings`` ``(n, d)``)
         so that the whole code has ``bits_per_image`` bits; ``residual_dims``: axes per residual
@@ -112,15 +123,18 @@ class RateSplitCodec(Codec):
         words = residual_bits // WORD_BITS
         if words * e > primary.dim:
             raise InvalidArgumentError(f"{words} residual words of {e} axes exceed the {primary.dim} dimensions")
+        if items_only and getattr(primary, "item_vectors", lambda _: None)(primary.encode(x[:1])) is None:
+            raise InvalidArgumentError("a residual for item queries needs a primary codec with an item decoder")
+        anchor = _item_anchor(primary) if items_only else primary.scored_vectors
         if words:
-            residual = _residuals(primary, x)
+            residual = _residuals(anchor, primary, x)
             basis = principal_basis(residual, words * e)
             projected = np.ascontiguousarray(residual @ basis.T)
             centroids = np.stack([_codebook(projected[:, j * e : (j + 1) * e], seed + j) for j in range(words)])
         else:
             basis, centroids = np.zeros((0, primary.dim), np.float32), np.zeros((0, WORDS, e), np.float32)
-        codec = cls(primary, basis, centroids)
-        if not refit:
+        codec = cls(primary, basis, centroids, items_only=items_only)
+        if not refit or items_only:
             return codec
         return cls(primary, basis, centroids, refit_decoder(codec, x))
 
@@ -133,16 +147,58 @@ class RateSplitCodec(Codec):
         parts = []
         for start in range(0, len(x), 16_384):
             part, codes = x[start : start + 16_384], first[start : start + 16_384]
-            v = self.primary.scored_vectors(codes)
+            v = self._anchor(codes)
             words = nearest_words(_off_line(v, part) @ self.basis.T, self.centroids)
             if self.decoder is None:
                 words = closest_in_angle(part, v, self.basis, self.centroids, words)
             parts.append(pack_words(words))
         return np.ascontiguousarray(np.hstack([first, np.concatenate(parts)]))
 
+    def _anchor(self, primary_codes: np.ndarray) -> np.ndarray:
+        """What the residual corrects: the primary's item vectors (``items_only``) or scored vectors."""
+        return (
+            _item_anchor(self.primary)(primary_codes) if self.items_only else self.primary.scored_vectors(primary_codes)
+        )
+
+    def item_vectors(self, codes: np.ndarray) -> np.ndarray | None:
+        """``items_only``: the primary's item vectors plus the decoded residual, else None."""
+        if not self.items_only:
+            return None
+        c = self.check_codes(codes)
+        split = self.primary.code_size
+        words = unpack_words(c[:, split:])
+        residual = self.centroids[np.arange(self.centroids.shape[0]), words].reshape(len(c), -1) @ self.basis
+        vectors: np.ndarray = (self._anchor(c[:, :split]) + residual).astype(np.float32)
+        return vectors
+
+    def cosine_index(self, codes: np.ndarray) -> CosineIndex:
+        """``items_only``: the primary's own index over its part of the codes (text queries)."""
+        if self.items_only:
+            return self.primary.cosine_index(self.check_codes(codes)[:, : self.primary.code_size])
+        return super().cosine_index(codes)
+
+    def item_cosine_index(self, codes: np.ndarray) -> CosineIndex | None:
+        """``items_only``: :meth:`item_vectors` by cosine in a flat index, else None."""
+        if not self.items_only:
+            return None
+        c = self.check_codes(codes)
+
+        def flat(rows: np.ndarray) -> faiss.Index:
+            index = faiss.IndexFlatIP(self.dim)
+            vectors = self.item_vectors(rows)
+            if len(rows) and vectors is not None:
+                index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+            return index
+
+        vectors = self.item_vectors(c)
+        assert vectors is not None
+        return CosineIndex.build(c, flat, inverse_norms(vectors))
+
     def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
         """``(n, code_size)`` → ``(n, d)``: the primary's scored vector plus the decoded residual."""
         c = self.check_codes(codes)
+        if self.items_only:
+            return self.primary.scored_vectors(c[:, : self.primary.code_size])
         if self.decoder is not None:
             refitted: np.ndarray = self.lifted(c) @ self.decoder
             return refitted
@@ -166,7 +222,8 @@ class RateSplitCodec(Codec):
         matrix, centroids = _primary_layout(self.primary)
         if centroids.shape[2] != self.centroids.shape[2]:
             raise ValueError("residual sub-vectors differ in width from the primary's: not one PQ")
-        lifted = np.vstack([matrix, self.basis]) if self.decoder is None else self.decoder
+        residual_rows = np.zeros_like(self.basis) if self.items_only else self.basis
+        lifted = np.vstack([matrix, residual_rows]) if self.decoder is None else self.decoder
         return lifted, np.concatenate([centroids, self.centroids])
 
     def lifted(self, codes: np.ndarray) -> np.ndarray:
@@ -247,7 +304,20 @@ def closest_in_angle(
     return chosen
 
 
-def _residuals(primary: Codec, x: np.ndarray, codes: np.ndarray | None = None) -> np.ndarray:
+def _item_anchor(primary: Codec) -> Callable[[np.ndarray], np.ndarray]:
+    """The primary's item vectors as a function of its codes (checked to exist by the caller)."""
+
+    def vectors(codes: np.ndarray) -> np.ndarray:
+        out = primary.item_vectors(codes)  # type: ignore[attr-defined]
+        assert out is not None
+        return np.asarray(out, dtype=np.float32)
+
+    return vectors
+
+
+def _residuals(
+    anchor: Callable[[np.ndarray], np.ndarray], primary: Codec, x: np.ndarray, codes: np.ndarray | None = None
+) -> np.ndarray:
     """``⟨x, v⟩ x − v`` ``(n, d)`` float32 for the primary's scored vectors ``v`` of ``x`` (unit rows): the
     part of ``v`` off the line of ``x``, sign changed — the sum then points along ``x`` without the
     residual having to rescale what ``v`` already got right."""
@@ -255,7 +325,7 @@ def _residuals(primary: Codec, x: np.ndarray, codes: np.ndarray | None = None) -
     for start in range(0, len(x), 65_536):
         part = x[start : start + 65_536]
         c = primary.encode(part) if codes is None else codes[start : start + 65_536]
-        v = primary.scored_vectors(c)
+        v = anchor(c)
         out[start : start + len(part)] = _off_line(v, part)
     return out
 
