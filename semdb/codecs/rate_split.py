@@ -14,7 +14,17 @@ and the residual's, on disjoint coordinates of that space. So with the residual'
 wide as the primary's (``residual_dims``, the primary's latent width by default) the whole code is
 one 4-bit-word PQ: FAISS scans it (:attr:`RateSplitCodec.scanner`) and semdb's fast scan reads its
 layout (:func:`semdb.index.fastscan.four_bit_layout`). Words are packed as semdb's pqvae packs them
-(first word of a byte in its high nibble), the primary's words first.
+(first word of a byte in its high nibble), the primary's words first. The residual's words are
+chosen for the angle between ``v + Bᵀ ĉ`` and ``x`` (:func:`closest_in_angle`), since search ranks
+by cosine; one word of each codebook is "no correction".
+
+``items_only``: the residual corrects the primary's *item* vectors (``pqvae-pca`` with
+``item_decoder``) and serves item queries only (:meth:`RateSplitCodec.item_cosine_index`); text
+queries score the primary's code alone (the residual's rows of the layout are zero).
+
+Measured (``docs/codecs.md`` §11g): on CuPL at 64 bits it lifts item→item recall but costs
+text→image mAP more than mixing the data's spectrum into the weighting does, so it is not a default;
+benchmark-only, it has no stored form (:meth:`RateSplitCodec.to_bytes` refuses).
 """
 
 from __future__ import annotations
