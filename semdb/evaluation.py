@@ -4,7 +4,9 @@ For the float embeddings and for each codec × bit rate: zero-shot top-1 accurac
 its nearest class query), text→image mAP@100 (class queries; relevant = same class),
 image→image 10-recall@10 against the float neighbours, bits per image and bits per pixel at 224².
 Codes are searched as the database searches them (:meth:`Codec.cosine_index`: queries in floats, items
-ranked by cosine to their reconstructions).
+ranked by cosine to their reconstructions) — except image→image for a codec with a separate path for
+item queries (:meth:`Codec.item_cosine_index`, e.g. ``pqvae-pca`` with ``item_decoder``), which is
+measured through that path; the database does not search it yet (``docs/codecs.md`` §11g).
 """
 
 from __future__ import annotations
@@ -136,7 +138,9 @@ def evaluate_codecs(
             seconds = time.perf_counter() - start
             codes = codec.encode(test)
             index = codec.cosine_index(codes)
-            _, found = index.search(recall_queries, k)
+            # Item queries go through the codec's item path where it has one (Codec.item_cosine_index).
+            items = codec.item_cosine_index(codes)
+            _, found = (index if items is None else items).search(recall_queries, k)
             add(
                 name,
                 codec.bits_per_image,

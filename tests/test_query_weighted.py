@@ -140,3 +140,22 @@ def test_plain_weight_keeps_the_items_neighbours_and_data_weight_can_be_a_defaul
     np.testing.assert_allclose(codec.weights, query_weights(train_queries, data=train[:600], data_weight=2.0))
     given = train_codec("pqvae-pca", train[:600], 32, queries=train_queries, data_weight=0.0)
     np.testing.assert_allclose(given.weights, query_weights(train_queries))  # type: ignore[attr-defined]
+
+
+def test_an_item_decoder_is_stored_and_serves_item_queries() -> None:
+    rng = np.random.default_rng(7)
+    train, test, train_queries, _ = sample(rng)
+    codec = train_codec("pqvae-pca", train, 32, queries=train_queries, steps=50, plain_weight=10.0, item_decoder=1)
+    assert isinstance(codec, QueryWeightedCodec)
+    restored = load_codec("pqvae-pca", codec.to_bytes())
+    codes = codec.encode(test)
+    items = codec.base.item_vectors(codes)  # type: ignore[attr-defined]
+    assert items is not None and items.shape == test.shape
+    np.testing.assert_allclose(restored.base.item_vectors(codes), items, atol=1e-5)  # type: ignore[attr-defined]
+    index = restored.item_cosine_index(codes)
+    assert index is not None
+    _, found = index.search(test[:5], 3)
+    expected = np.argsort(-(test[:5] @ unit(items).T), axis=1)[:, :3]
+    assert (found == expected).mean() > 0.9  # ties aside, the item path ranks by cosine to the item vectors
+    # Without an item decoder there is no separate item path.
+    assert train_codec("pqvae-pca", train, 32, queries=train_queries, steps=5).item_cosine_index(codes) is None

@@ -168,6 +168,11 @@ class Codec(ABC):
         inverse = [inverse_norms(self.scored_vectors(c[i : i + DECODE_CHUNK])) for i in range(0, len(c), DECODE_CHUNK)]
         return CosineIndex.build(c, self.search_index, np.concatenate(inverse) if inverse else np.empty(0, np.float32))
 
+    def item_cosine_index(self, codes: np.ndarray) -> CosineIndex | None:
+        """An index for item queries (search by an image) when the codec scores them through another
+        decoder than text queries, else None (then :meth:`cosine_index` serves both)."""
+        return None
+
     def check_codes(self, codes: np.ndarray) -> np.ndarray:
         """Return ``codes`` as a C-contiguous ``(n, code_size)`` uint8 array, checking its shape."""
         array = np.ascontiguousarray(codes, dtype=np.uint8)

@@ -114,6 +114,10 @@ class PQVAEConfig:
     # against ``x``), which keeps the directions in which items differ for item→item search. No
     # effect when trained unweighted (the loss is already measured there). docs/codecs.md §11f.
     plain_weight: float = 0.0
+    # 1: a second linear decoder, for item queries, trained by the ``plain_weight`` term in the
+    # searched space while the first decoder keeps the weighted loss alone (principal encoder only;
+    # encoder and codebook learn from both). docs/codecs.md §11g.
+    item_decoder: int = 0
 
     @property
     def subvectors(self) -> int:
@@ -208,8 +212,11 @@ class PQVAE(nn.Module):
         latent = config.subvectors * config.latent_dim
         self.encoder: nn.Module
         self.decoder: nn.Module
+        self.item_decoder: ShiftedLinear | None = None
         if config.encoder == "principal":
             self.encoder, self.decoder = nn.Linear(config.dim, latent), ShiftedLinear(latent, config.dim)
+            if config.item_decoder:
+                self.item_decoder = ShiftedLinear(latent, config.dim)
         else:
             self.encoder = ResidualMLP(config.dim, config.hidden_width, latent)
             self.decoder = ResidualMLP(latent, config.hidden_width, config.dim)
@@ -385,6 +392,17 @@ class PQVAECodec(Codec):
     def scores_unit_vectors(self) -> bool:
         """True unless the codes are scanned through the linear decoder (:attr:`scanner`)."""
         return self.scanner is None
+
+    @torch.inference_mode()
+    def item_vectors(self, codes: np.ndarray) -> np.ndarray | None:
+        """``(n, bits/8)`` → ``(n, d)``: the second decoder's output (for item queries, in the
+        searched space), or None without one (``item_decoder``)."""
+        item = self.model.item_decoder
+        if item is None:
+            return None
+        indices = torch.from_numpy(unpack_indices(self.check_codes(codes), self.model.config.codebook_bits))
+        vectors: np.ndarray = item(self.model.codebook[indices].reshape(len(indices), -1)).numpy()
+        return vectors
 
     @torch.inference_mode()
     def _decode_linear(self, codes: np.ndarray) -> np.ndarray:
@@ -633,6 +651,14 @@ def _fit(model: PQVAE, x: torch.Tensor, generator: torch.Generator, plain: torch
         model.eval()
         return
     anchors = _anchor_points(F.normalize(x, dim=-1), config.anchors, generator) if config.anchors else None
+    item = model.item_decoder
+    if item is not None:  # starts as the first decoder mapped back to the searched space
+        decoder = model.decoder
+        assert isinstance(decoder, ShiftedLinear)
+        with torch.no_grad():
+            weight = decoder.linear.weight if plain is None else plain.T @ decoder.linear.weight
+            item.linear.weight.copy_(weight)
+            item.shift.copy_(decoder.shift)
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * step / config.steps))
@@ -660,7 +686,9 @@ def _fit(model: PQVAE, x: torch.Tensor, generator: torch.Generator, plain: torch
             + config.commitment_weight * F.mse_loss(z, q.detach())
         )
         if plain is not None:
-            plain_recon, plain_target = F.normalize(decoded @ plain, dim=-1), F.normalize(batch @ plain, dim=-1)
+            flat = straight_through.reshape(len(batch), -1)
+            searched = decoded @ plain if item is None else item(flat)
+            plain_recon, plain_target = F.normalize(searched, dim=-1), F.normalize(batch @ plain, dim=-1)
             loss = loss + config.plain_weight * _reconstruction_loss(config, plain_recon, plain_target)
         if anchors is not None:
             loss = loss + _anchor_loss(config, anchors, recon, target)

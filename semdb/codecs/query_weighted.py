@@ -44,6 +44,7 @@ from semdb.codecs.base import (
     damaged,
 )
 from semdb.codecs.faiss_codecs import transformed_index
+from semdb.cosine import CosineIndex, inverse_norms
 from semdb.errors import InvalidArgumentError
 
 DEFAULT_RIDGE = 0.3
@@ -199,6 +200,31 @@ class QueryWeightedCodec(Codec):
         """The base codec's index over ``codes``, behind a ``W⁻¹`` transform of the queries."""
         index: faiss.Index = transformed_index(self.inverse, self.base.search_index(codes))
         return index
+
+    def item_vectors(self, codes: np.ndarray) -> np.ndarray | None:
+        """The base codec's vectors for item queries (already in the searched space), or None."""
+        decode_items = getattr(self.base, "item_vectors", None)
+        vectors: np.ndarray | None = None if decode_items is None else decode_items(self.check_codes(codes))
+        return vectors
+
+    def item_cosine_index(self, codes: np.ndarray) -> CosineIndex | None:
+        """With a base codec that decodes items for item queries itself (``item_decoder``, already
+        in the searched space: no ``W⁻¹``), those vectors by cosine in a flat index; else None."""
+        decode_items = getattr(self.base, "item_vectors", None)
+        if decode_items is None:
+            return None
+        c = self.check_codes(codes)
+        vectors = decode_items(c)
+        if vectors is None:
+            return None
+
+        def flat(rows: np.ndarray) -> faiss.Index:
+            index = faiss.IndexFlatIP(self.dim)
+            if len(rows):
+                index.add(np.ascontiguousarray(decode_items(rows), dtype=np.float32))
+            return index
+
+        return CosineIndex.build(c, flat, inverse_norms(vectors))
 
     def to_bytes(self) -> bytes:
         """:data:`MAGIC` + an ``.npz`` (no pickle) of ``W``, the base codec's name and its state."""

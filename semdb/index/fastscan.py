@@ -169,6 +169,13 @@ def four_bit_layout(codec: Codec) -> FourBitLayout | None:
 
     # semdb.codecs.pqvae imports torch (seconds, cold): a PQVAECodec exists only once it is imported.
     pqvae = sys.modules.get("semdb.codecs.pqvae")
+    rate_split = sys.modules.get("semdb.codecs.rate_split")
+    if rate_split is not None and isinstance(codec, rate_split.RateSplitCodec):
+        try:  # one PQ over the lifted space [A₁; B] q (semdb.codecs.rate_split)
+            matrix, centroids = codec.layout
+        except ValueError:
+            return None
+        return FourBitLayout(matrix, centroids, True)
     if isinstance(codec, QueryWeightedCodec):
         base = four_bit_layout(codec.base)
         if base is None:
