@@ -48,6 +48,18 @@ from semdb.index.search_index import cosine_arrays
 DIM = 512
 K = 10
 CHUNK = 100_000
+# The columns of a row of measured().
+COLUMNS = [
+    "search",
+    "p50 wall",
+    "p99 wall",
+    "p50 CPU",
+    "p99 CPU",
+    "recall (exact)",
+    "recall (float)",
+    "bytes/item",
+    "build s",
+]
 
 
 def chunks(n: int, centres: np.ndarray, scales: np.ndarray, noise: float, seed: int):  # type: ignore[no-untyped-def]
@@ -237,17 +249,7 @@ def main() -> None:
             )
         print_table(
             f"{args.n:,} items, {codec.describe()}, one thread, one query at a time (ms; recall = 10-recall@10)",
-            [
-                "search",
-                "p50 wall",
-                "p99 wall",
-                "p50 CPU",
-                "p99 CPU",
-                "recall (exact)",
-                "recall (float)",
-                "bytes/item",
-                "build s",
-            ],
+            COLUMNS,
             rows,
         )
         print(f"exact scan p50 CPU {exact_p50:.2f} ms")

@@ -32,7 +32,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import machine, print_table
 from codecs_cupl import generic_sample, load_cupl, split
-from scale import K, measured, timed
+from scale import COLUMNS, K, measured, timed
 
 from semdb.codecs import Codec, train_codec
 from semdb.codecs.choice import train_for_database
@@ -81,17 +81,7 @@ def main() -> None:
         rows = searches(codec, layout, items, queries, float_truth, (item_lists, coarse), args)
         print_table(
             f"{codec.describe()} (trained in {train_cpu:.1f} s CPU): {n:,} real embeddings, one thread (ms)",
-            [
-                "search",
-                "p50 wall",
-                "p99 wall",
-                "p50 CPU",
-                "p99 CPU",
-                "recall (exact)",
-                "recall (float)",
-                "bytes/item",
-                "build s",
-            ],
+            COLUMNS,
             rows,
         )
 

@@ -60,6 +60,17 @@ class FakeEncoder:
         return self._embed(np.array(features))
 
 
+def broad_embeddings(n: int, d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(items (n, d), queries (200, d))`` float32 unit vectors around 40 centres spread over all
+    ``d`` axes (embeddings of high intrinsic dimension, the learned codec's case)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, d))
+    x = centres[rng.integers(0, 40, n)] + 0.8 * rng.standard_normal((n, d))
+    q = centres[rng.integers(0, 40, 200)] + 0.5 * rng.standard_normal((200, d))
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    return unit(x), unit(q)
+
+
 def write_colour_images(folder: Path, per_colour: int = 6, size: int = 24, seed: int = 0) -> dict[str, str]:
     """Write ``per_colour`` noisy PNGs of each colour under ``folder``; returns path → colour."""
     rng = np.random.default_rng(seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import broad_embeddings
 
 from semdb.codec_file import read_codec_file, write_codec_file
 from semdb.codecs import CodecStateError
@@ -31,13 +32,7 @@ from semdb.vocabulary import vocabulary, vocabulary_classes
 
 
 def broad(n: int = 1500, d: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(items (n, d), queries (200, d))``: unit vectors spread over all ``d`` axes, 40 clusters."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((40, d))
-    x = centres[rng.integers(0, 40, n)] + 0.8 * rng.standard_normal((n, d))
-    q = centres[rng.integers(0, 40, 200)] + 0.5 * rng.standard_normal((200, d))
-    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
-    return unit(x), unit(q)
+    return broad_embeddings(n, d, seed)
 
 
 def test_vocabulary_is_grouped_by_class_and_excludes_what_it_is_told() -> None:

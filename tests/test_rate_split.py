@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import broad_embeddings
 
 from semdb.codecs import train_codec
 from semdb.codecs.choice import train_for_database
@@ -13,13 +14,7 @@ from semdb.index.fastscan import four_bit_layout
 
 
 def broad(n: int = 2000, d: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """``(items (n, d), queries (200, d))``: unit vectors, 40 clusters, spread over all axes."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((40, d))
-    x = centres[rng.integers(0, 40, n)] + 0.8 * rng.standard_normal((n, d))
-    q = centres[rng.integers(0, 40, 200)] + 0.5 * rng.standard_normal((200, d))
-    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
-    return unit(x), unit(q)
+    return broad_embeddings(n, d, seed)
 
 
 def test_words_pack_high_first_and_back() -> None:
