@@ -29,6 +29,7 @@ import numpy as np
 from semdb.codecs import Codec
 from semdb.codecs.choice import FIDELITY_QUERIES, train_for_database
 from semdb.evaluation import RECALL_QUERIES, recall_at_k
+from semdb.fidelity import at_collection
 
 
 def collection(name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -99,6 +100,11 @@ def main() -> None:
                 "offline_over": f"{scope} ({len(subset)})",
                 **{key: round(value, 3) for key, value in measured.items()},
                 **{f"stats_{key}": round(stored[key], 3) for key in measured},
+                # What stats prints for a database of this many images (extended from half the staged).
+                **{
+                    f"stats_at_{len(subset)}_{key}": round(value, 3)
+                    for key, value in (at_collection(stored, len(subset)) or {}).items()
+                },
                 "train_wall_s": round(wall, 1),
                 "train_cpu_s": round(cpu, 1),
             }

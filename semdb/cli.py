@@ -120,7 +120,7 @@ def _cmd_ingest(args: argparse.Namespace) -> int:
             f"trained {stats.codec} codec at {stats.bits_per_image} bits/image on {report.codec_trained_on} embeddings",
             highlight=False,
         )
-        for line in report_lines(stats.codec_report):
+        for line in report_lines(stats.codec_report, stats.images):
             stdout.print(line, highlight=False)
     if report.skipped:
         table = Table("skipped file", "reason", title=f"{len(report.skipped)} files skipped", title_justify="left")
@@ -335,7 +335,7 @@ def _cmd_stats(args: argparse.Namespace) -> int:
         if key not in ("path", "codec_report"):
             table.add_row(key.replace("_", " "), "—" if value is None else str(value))
     stdout.print(table)
-    for line in report_lines(stats.codec_report):
+    for line in report_lines(stats.codec_report, stats.images):
         stdout.print(line, highlight=False)
     if args.skipped:
         skipped_table = Table("skipped file", "reason")

@@ -11,6 +11,10 @@ the database searches them (:meth:`Codec.cosine_index`) against the floats they 
 
 Recall is :func:`semdb.evaluation.recall_at_k`, the one recall helper of the code base. The figures
 are stored in the codec's report (``codecs.report``) and shown by ``semdb stats``.
+
+The two agreements fall as the collection grows (more near neighbours to confuse), so each is also
+measured among half the staged images, and ``stats`` extends the change per doubling to a collection
+larger than what was staged (``docs/codecs.md`` §11i: how close that comes).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ class Fidelity:
     held_out: int  # held-out images measured (image queries)
     searched: int  # images searched (all the staged ones)
     queries: int  # text queries
+    # Change of each agreement from half the searched images to all of them: per doubling (None: not measured).
+    text_per_doubling: float | None = None
+    image_per_doubling: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -63,51 +70,92 @@ def measure(codec: Codec, embeddings: np.ndarray, held_out: np.ndarray, queries:
     rows = np.asarray(held_out, dtype=np.int64)
     if not len(rows):
         raise ValueError("fidelity needs held-out embeddings")
-    k = min(RECALL_K, len(x))
     codes = codec.encode(x)
-    coded = codec.cosine_index(codes)
-    exact = faiss.IndexFlatIP(x.shape[1])  # the floats are unit vectors: inner product is cosine
-    exact.add(x)
-
-    def agreement(probes: np.ndarray) -> float:
-        _, truth = exact.search(probes, k)
-        _, found = coded.search(probes, k)
-        return recall_at_k(truth, found)
-
+    text_queries = None if queries is None or not len(queries) else as_embeddings(queries, codec.dim)
     originals = x[rows]
+
+    def agreements(searched: np.ndarray) -> tuple[float | None, float]:
+        """``(text→image, image→image)`` agreement when the images searched are rows ``searched``."""
+        k = min(RECALL_K, len(searched))
+        coded = codec.cosine_index(codes[searched])
+        exact = faiss.IndexFlatIP(x.shape[1])  # the floats are unit vectors: inner product is cosine
+        exact.add(x[searched])
+
+        def agreement(probes: np.ndarray) -> float:
+            return recall_at_k(exact.search(probes, k)[1], coded.search(probes, k)[1])
+
+        return (None if text_queries is None else agreement(text_queries)), agreement(originals)
+
+    text, image = agreements(np.arange(len(x)))
+    text_slope = image_slope = None
+    others = np.setdiff1d(np.arange(len(x)), rows)
+    if len(others) >= len(x) // 2 - len(rows) > 0:
+        # The held-out images and enough of the others to make half: the same probes, half the haystack.
+        kept = np.random.default_rng(0).choice(others, len(x) // 2 - len(rows), replace=False)
+        half_text, half_image = agreements(np.sort(np.concatenate([rows, kept])))
+        image_slope = image - half_image
+        text_slope = None if text is None or half_text is None else text - half_text
     decoded = codec.decode(codes[rows])
     cosines = (decoded * originals).sum(1) / np.maximum(np.linalg.norm(decoded, axis=1), 1e-12)
-    text = None if queries is None or not len(queries) else agreement(as_embeddings(queries, codec.dim))
     return Fidelity(
         bits_per_image=codec.bits_per_image,
         text_to_image=text,
-        image_to_image=agreement(originals),
+        image_to_image=image,
         mean_cosine=float(cosines.mean()),
         held_out=len(rows),
         searched=len(x),
         queries=0 if queries is None else len(queries),
+        text_per_doubling=text_slope,
+        image_per_doubling=image_slope,
     )
 
 
-def describe(fidelity: dict[str, Any]) -> str:
-    """One sentence for ``semdb stats`` from a stored :meth:`Fidelity.to_dict`."""
+def at_collection(fidelity: dict[str, Any], images: int) -> dict[str, float] | None:
+    """The agreements of a stored :meth:`Fidelity.to_dict` extended to a collection of ``images``:
+    each figure plus its change per doubling times ``log2(images / searched)``, within 0..1; None
+    when the collection is no larger than what was measured or no change per doubling was."""
+    searched = int(fidelity.get("searched") or 0)
+    if fidelity.get("image_per_doubling") is None or searched <= 0 or images <= searched:
+        return None
+    doublings = float(np.log2(images / searched))
+    out = {}
+    for key in ("text_to_image", "image_to_image"):
+        value, slope = fidelity.get(key), fidelity.get(key.split("_")[0] + "_per_doubling")
+        if value is not None and slope is not None:
+            out[key] = float(np.clip(value + slope * doublings, 0.0, 1.0))
+    return out
+
+
+def describe(fidelity: dict[str, Any], images: int | None = None) -> str:
+    """One sentence for ``semdb stats`` from a stored :meth:`Fidelity.to_dict`; ``images``: how many
+    the database holds now (a larger collection gets the extended figures of :func:`at_collection`)."""
     text = fidelity.get("text_to_image")
     kept = f"{text:.2f} of the text→image top-10 and " if text is not None else ""
-    return (
+    sentence = (
         f"at {fidelity['bits_per_image']} bits your codes keep {kept}{fidelity['image_to_image']:.2f} of the "
         f"image→image top-10 (mean cosine {fidelity['mean_cosine']:.2f}), measured on {fidelity['searched']:,} of "
         f"your images ({fidelity['held_out']:,} of them held out of training)"
     )
+    extended = at_collection(fidelity, images) if images else None
+    if extended:
+        figures = " and ".join(
+            f"{extended[key]:.2f} {label}"
+            for key, label in (("text_to_image", "text→image"), ("image_to_image", "image→image"))
+            if key in extended
+        )
+        sentence += f"; among all {images:,}, about {figures} (extended from half of them to all)"
+    return sentence
 
 
-def report_lines(report: dict[str, Any] | None) -> list[str]:
+def report_lines(report: dict[str, Any] | None, images: int | None = None) -> list[str]:
     """What ``semdb stats`` and ``semdb ingest`` print of a codec's report: why it was chosen, and
-    its fidelity (on the user's images, or on its calibration set for a codec from a file)."""
+    its fidelity (on the user's images, or on its calibration set for a codec from a file);
+    ``images``: how many the database holds now (see :func:`describe`)."""
     if not report:
         return []
     lines = [f"codec: {report.get('why', 'no reason recorded')} ({report.get('chosen_by', '?')})"]
     if report.get("fidelity"):
-        lines.append(describe(report["fidelity"]))
+        lines.append(describe(report["fidelity"], images))
     elif report.get("calibration_fidelity"):
         lines.append(describe(report["calibration_fidelity"]).replace("your images", "its calibration images"))
     else:

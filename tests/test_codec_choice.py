@@ -27,7 +27,7 @@ from semdb.codecs.choice import (
 from semdb.codecs.query_weighted import QueryWeightedCodec, query_weights
 from semdb.errors import InvalidArgumentError, ModelMismatchError
 from semdb.evaluation import recall_at_k
-from semdb.fidelity import holdout_rows, measure, report_lines
+from semdb.fidelity import at_collection, holdout_rows, measure, report_lines
 from semdb.vocabulary import vocabulary, vocabulary_classes
 
 
@@ -86,6 +86,32 @@ def test_fidelity_matches_an_offline_evaluation() -> None:
     assert abs(float((decoded[rows] * x[rows]).sum(1).mean()) - fidelity["mean_cosine"]) < 0.01
     assert 0.2 < fidelity["text_to_image"] <= 1 and json.dumps(report)  # JSON-ready
     assert "measured on 1,500 of your images" in report_lines(report)[1]
+    # The change per doubling: the same agreement measured among half the images, recomputed here.
+    half = np.sort(
+        np.concatenate(
+            [
+                rows,
+                np.random.default_rng(0).choice(
+                    np.setdiff1d(np.arange(len(x)), rows), len(x) // 2 - len(rows), replace=False
+                ),
+            ]
+        )
+    )
+    for probes, key in ((q, "text_to_image"), (x[rows], "image_to_image")):
+        truth = np.argsort(-(probes @ x[half].T), axis=1)[:, :10]
+        found = np.argsort(-(probes @ decoded[half].T), axis=1)[:, :10]
+        slope = fidelity[key.split("_")[0] + "_per_doubling"]
+        assert abs((fidelity[key] - recall_at_k(truth, found)) - slope) < 0.03
+    # A database of 4x the images measured: each agreement extended by two doublings, shown by stats.
+    extended = at_collection(fidelity, 4 * 1500)
+    assert extended is not None
+    for key in ("text_to_image", "image_to_image"):
+        want = float(np.clip(fidelity[key] + 2 * fidelity[key.split("_")[0] + "_per_doubling"], 0, 1))
+        assert extended[key] == pytest.approx(want)
+    assert "among all 6,000, about" in report_lines(report, 6000)[1]
+    assert at_collection(fidelity, 1500) is None and "among all" not in report_lines(report, 1500)[1]
+    older = {key: value for key, value in fidelity.items() if not key.endswith("_per_doubling")}
+    assert at_collection(older, 6000) is None  # a report written before the change per doubling
 
 
 def test_bits_auto_picks_the_smallest_rate_meeting_the_target() -> None:
