@@ -32,13 +32,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import machine, print_table
 from codecs_cupl import generic_sample, load_cupl, split
-from scale import COLUMNS, K, measured, timed
+from scale import COLUMNS, K, exact_baseline, measured, timed
 
 from semdb.codecs import Codec, train_codec
 from semdb.codecs.choice import train_for_database
 from semdb.index.fastscan import FastScan, FourBitLayout, four_bit_layout
 from semdb.index.lists import assign_lists, list_count, train_lists
-from semdb.index.search_index import cosine_arrays
 
 
 def trained(name: str, bits: int, train: np.ndarray, sample: np.ndarray | None) -> Codec:
@@ -105,15 +104,11 @@ def searches(
     rows: list[list[object]] = []
     faiss.omp_set_num_threads(1)
     with threadpool_limits(limits=1):
-        t = time.perf_counter()
-        cosine = codec.cosine_index(codes)
-        exact_build = time.perf_counter() - t
-        norms = cosine_arrays(cosine)[1]
+        norms, exact_build, (exact_ids, walls, cpus) = exact_baseline(codec, codes, queries)
         if norms is not None:
             spread = np.quantile(1 / norms[norms > 0], [0.01, 0.5, 0.99])
             low, middle, high = spread.tolist()
             print(f"{codec.describe()}: ‖x̂‖ 1st / 50th / 99th percentile {low:.3f} / {middle:.3f} / {high:.3f}")
-        exact_ids, walls, cpus = timed(lambda q: cosine.search(q, K)[1], queries)
         truths = (exact_ids, float_truth)
         rows.append(measured("exact", exact_ids, walls, cpus, truths, float("nan"), exact_build))
         t = time.perf_counter()

@@ -164,9 +164,12 @@ def _reconcile(codec: Codec, stored: StoredGroup, earlier: CodedGroup | None) ->
         and (earlier.fast is None or earlier.fast.ntotal == len(earlier.ids))
     )
     if not usable or earlier is None:
-        all_norms = _norms(codec, codes)
-        fast = fast_scan(codec, ids, codes, all_norms, stored.lists, stored.coarse)
-        return _group(codec, stored.row, ids, codes, all_norms, fast, stored.lists)
+        # 1/‖x̂‖ computed once, by whichever scan keeps it: a fast scan computes what it holds (none
+        # for an orthonormal layout), the exact scan is given them.
+        fast = fast_scan(codec, ids, codes, None, stored.lists, stored.coarse)
+        return _group(
+            codec, stored.row, ids, codes, None if fast is not None else _norms(codec, codes), fast, stored.lists
+        )
     old_codes, old_norms = earlier.arrays()
     _, new_rows, old_rows = np.intersect1d(ids, earlier.ids, assume_unique=True, return_indices=True)
     same = np.all(codes[new_rows] == old_codes[old_rows], axis=1) if len(new_rows) else np.zeros(0, bool)

@@ -80,7 +80,7 @@ class FourBitLayout:
         """Dimension of the transformed queries, ``m``."""
         return int(self.centroids.shape[0] * self.centroids.shape[2])
 
-    @property
+    @functools.cached_property
     def orthonormal(self) -> bool:
         """Whether the query map has orthonormal rows (or is the identity): then ``‖x̂‖`` is the norm
         of what is scored, in the scanned space itself."""

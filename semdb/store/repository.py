@@ -18,7 +18,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import (
-    ClauseElement,
     ColumnElement,
     Connection,
     Dialect,
@@ -466,15 +465,9 @@ class Repository:
             # Asked after every search: through the driver's cursor, the statement compiled once per
             # number of ids (SQLAlchemy's execution cost more than SQLite's look-up of a few rows).
             sql = _paths_sql(self.connection.dialect, len(chunk))
-            cursor = self.connection.connection.cursor()
-            try:
-                cursor.execute(
-                    sql,
-                    tuple(chunk) if self.connection.dialect.positional else {f"id{i}": v for i, v in enumerate(chunk)},
-                )
+            values = {f"id{i}": value for i, value in enumerate(chunk)}
+            with self._driver_cursor(sql, tuple(chunk) if self.connection.dialect.positional else values) as cursor:
                 found.update((int(image_id), display_path(path)) for image_id, path in cursor.fetchall())
-            finally:
-                cursor.close()
         return found
 
     def skipped(self) -> list[tuple[str, str]]:
@@ -574,28 +567,25 @@ class Repository:
         # Through the driver's own cursor: SQLAlchemy's result rows cost about as much again as the
         # driver's fetch for a million rows (docs/benchmarks.md, "full build"); the statement is still
         # the Core select above, compiled for this dialect.
-        with self._driver_cursor(statement) as cursor:
+        compiled: Any = statement.compile(dialect=self.connection.dialect)  # a SQLCompiler
+        values = compiled.construct_params()
+        parameters = tuple(values[name] for name in compiled.positiontup or ()) if compiled.positional else values
+        with self._driver_cursor(str(compiled), parameters, stream=True) as cursor:
             while chunk := cursor.fetchmany(rows):
                 ids, codes = _ids_and_blobs(chunk, np.uint8, code_size)
                 yield ids, codes, np.fromiter(map(itemgetter(2), chunk), dtype=np.int64, count=len(chunk))
 
     @contextmanager
-    def _driver_cursor(self, statement: ClauseElement) -> Iterator[Any]:
-        """A DBAPI cursor of this transaction's connection, executing ``statement`` (compiled for the
-        dialect, its parameters bound): plain tuples, no SQLAlchemy row per result. On PostgreSQL a
-        server-side cursor, so that rows stream in ``fetchmany`` batches instead of arriving all at
-        once (SQLite's cursor steps through the result as it is fetched)."""
-        compiled: Any = statement.compile(dialect=self.connection.dialect)  # a SQLCompiler
-        values = compiled.construct_params()
-        parameters: Any = tuple(values[name] for name in compiled.positiontup or ()) if compiled.positional else values
+    def _driver_cursor(self, sql: str, parameters: Any, *, stream: bool = False) -> Iterator[Any]:
+        """A DBAPI cursor of this transaction's connection, executing ``sql`` (compiled from a Core
+        statement for this dialect) with ``parameters``: plain tuples, no SQLAlchemy row per result.
+        ``stream``: on PostgreSQL a server-side cursor, so that rows come in ``fetchmany`` batches
+        instead of all at once (SQLite's cursor steps through the result as it is fetched anyway)."""
         driver: Any = self.connection.connection
-        cursor = (
-            driver.cursor(name=f"semdb_{uuid.uuid4().hex}")
-            if self.connection.dialect.name == "postgresql"
-            else driver.cursor()
-        )
+        named = stream and self.connection.dialect.name == "postgresql"
+        cursor = driver.cursor(name=f"semdb_{uuid.uuid4().hex}") if named else driver.cursor()
         try:
-            cursor.execute(str(compiled), parameters)
+            cursor.execute(sql, parameters)
             yield cursor
         finally:
             cursor.close()
