@@ -51,9 +51,9 @@ def index_bytes(index: SearchIndex) -> dict[str, int]:
             parts["exact scan rows + 1/norm"] += part.rows.nbytes + (
                 part.inverse_norms.nbytes if part.inverse_norms is not None else 0
             )
-        shared = group.fast is not None and group.fast.ids is group.ids  # counted once, in the fast scan
-        parts["ids + lists"] += (0 if shared else group.ids.nbytes) + (
-            group.lists.nbytes if group.lists is not None else 0
+        # None where the fast scan holds them (counted there).
+        parts["ids + lists"] += (group.row_ids.nbytes if group.row_ids is not None else 0) + (
+            group.row_lists.nbytes if group.row_lists is not None else 0
         )
         if group.fast is not None:
             parts["fast scan"] += group.fast.nbytes()

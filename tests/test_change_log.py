@@ -47,7 +47,7 @@ def contents(index: SearchIndex) -> dict[int, tuple[list[int], bytes]]:
         codes, _ = group.arrays()
         held[group.codec_id] = (group.ids.tolist(), codes.tobytes())
         if group.fast is not None:
-            assert group.fast.ids.tolist() == group.ids.tolist()
+            assert group.fast.ids_by_row().tolist() == group.ids.tolist()
     return held
 
 

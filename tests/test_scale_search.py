@@ -373,3 +373,54 @@ def test_a_fast_group_is_cached_by_its_codes_and_an_altered_one_is_rebuilt(
     with semdb.connect(path) as db:
         assert db.index().coded[0].fast is None
         assert [[h.id for h in row] for row in db.search_vectors(queries, k=10)] == exact
+
+
+@pytest.mark.parametrize(("words", "n"), [(16, 1), (16, 31), (32, 32), (32, 100), (64, 257)])
+def test_blocked_layout_is_faiss_own_and_reads_back(words: int, n: int) -> None:
+    """pack_blocks writes what FAISS's own conversion writes; unpack_blocks reads any code back."""
+    import faiss
+
+    from semdb.index.fastscan import pack_blocks, unpack_blocks
+
+    rng = np.random.default_rng(words + n)
+    codes = rng.integers(0, 256, (n, words // 2), dtype=np.uint8)
+    ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(words), words, 1, words, 4, faiss.METRIC_INNER_PRODUCT)
+    ivf.by_residual = False
+    ivf.train(rng.standard_normal((512, words)).astype(np.float32))
+    labels = np.arange(n, dtype=np.int64)
+    ivf.invlists.add_entries(0, n, faiss.swig_ptr(labels), faiss.swig_ptr(codes))
+    ivf.ntotal = n
+    fast = faiss.IndexIVFPQFastScan(ivf)
+    blocks = _block_lists(fast)
+    theirs = faiss.rev_swig_ptr(blocks.get_codes(0), -(-n // 32) * 32 * words // 2)
+    np.testing.assert_array_equal(pack_blocks(codes), theirs)
+    shuffled = rng.permutation(n)
+    np.testing.assert_array_equal(unpack_blocks(theirs, shuffled, words // 2), codes[shuffled])
+
+
+def test_the_fast_scan_holds_each_code_once_and_gives_the_rows_back(data: tuple[np.ndarray, np.ndarray]) -> None:
+    from semdb.index.lists import assign_lists, train_lists
+
+    x, queries = data
+    codec = weighted_codec(x, queries)  # norm bands: 1/‖x̂‖ held by id, lists × bands FAISS lists
+    codes = codec.encode(x)
+    norms = cosine_arrays(codec.cosine_index(codes))[1]
+    ids = np.arange(N, dtype=np.int64) * 5 + 2
+    centroids = train_lists(x, lists=16)
+    lists = assign_lists(centroids, x)
+    layout = four_bit_layout(codec)
+    assert layout is not None and norms is not None and lists is not None
+    scan = FastScan.build(layout, ids[::2], codes[::2], norms[::2], lists[::2], centroids)
+    scan.add(ids[1::2], codes[1::2], norms[1::2], lists[1::2])  # interleaved ids: lists merged in order
+    scan.remove(ids[::3])
+    keep = np.ones(N, bool)
+    keep[::3] = False
+    got_ids, got_codes, got_lists = scan.rows()
+    np.testing.assert_array_equal(got_ids, ids[keep])
+    np.testing.assert_array_equal(got_codes, codes[keep])
+    np.testing.assert_array_equal(got_lists, lists[keep])
+    np.testing.assert_array_equal(scan.ids_by_row(), ids[keep])
+    np.testing.assert_array_equal(scan.inverse_norms_by_row(got_ids, got_codes), norms[keep])
+    assert scan.contains(ids).tolist() == keep.tolist() and scan.ntotal == int(keep.sum())
+    # Bytes: the blocks and labels FAISS holds, one bit per id, 4 bytes per id of 1/‖x̂‖, the centroids.
+    assert scan.nbytes() >= int(keep.sum()) * (codes.shape[1] + 8) + 4 * int(ids[-1])

@@ -79,7 +79,7 @@ def _catches_up_in_place(fast: FastScan | None, rows: int, changed: int, wants_l
         fast is not None
         and rows >= FAST_SCAN_MIN_ITEMS
         and changed <= CATCH_UP_FRACTION * rows
-        and (fast.coarse is not None) == wants_lists
+        and fast.has_lists == wants_lists
     )
 
 
@@ -160,8 +160,7 @@ def _reconcile(codec: Codec, stored: StoredGroup, earlier: CodedGroup | None) ->
     usable = (
         earlier is not None
         and earlier.codec_digest == _digest(stored.row)
-        and (earlier.index is None or earlier.index.ntotal == len(earlier.ids))
-        and (earlier.fast is None or earlier.fast.ntotal == len(earlier.ids))
+        and (earlier.index is None or earlier.index.ntotal == earlier.count)
     )
     if not usable or earlier is None:
         # 1/‖x̂‖ computed once, by whichever scan keeps it: a fast scan computes what it holds (none
@@ -170,11 +169,12 @@ def _reconcile(codec: Codec, stored: StoredGroup, earlier: CodedGroup | None) ->
         return _group(
             codec, stored.row, ids, codes, None if fast is not None else _norms(codec, codes), fast, stored.lists
         )
-    old_codes, old_norms = earlier.arrays()
-    _, new_rows, old_rows = np.intersect1d(ids, earlier.ids, assume_unique=True, return_indices=True)
+    old_ids, old_codes, old_norms, old_lists = earlier.rows()
+    _, new_rows, old_rows = np.intersect1d(ids, old_ids, assume_unique=True, return_indices=True)
     same = np.all(codes[new_rows] == old_codes[old_rows], axis=1) if len(new_rows) else np.zeros(0, bool)
-    if earlier.lists is not None and stored.lists is not None and len(new_rows):
-        same &= earlier.lists[old_rows] == stored.lists[new_rows]
+    if old_lists is not None and stored.lists is not None and len(new_rows):
+        same &= old_lists[old_rows] == stored.lists[new_rows]
+    del old_codes, old_lists
     kept_new, kept_old = new_rows[same], old_rows[same]
     fresh = np.ones(len(ids), bool)
     fresh[kept_new] = False
@@ -185,13 +185,13 @@ def _reconcile(codec: Codec, stored: StoredGroup, earlier: CodedGroup | None) ->
             norms[kept_new] = old_norms[kept_old]
         computed = _norms(codec, codes[fresh])
         norms[fresh] = computed if computed is not None else 1.0
-    gone = np.ones(len(earlier.ids), bool)
+    gone = np.ones(len(old_ids), bool)
     gone[kept_old] = False
     changed = int(fresh.sum()) + int(gone.sum())
     fast = earlier.fast
     wants_lists = stored.lists is not None and len(ids) >= LISTS_MIN_ITEMS
     if fast is not None and _catches_up_in_place(fast, len(ids), changed, wants_lists):
-        fast.remove(earlier.ids[gone])
+        fast.remove(old_ids[gone])
         fast.add(ids[fresh], codes[fresh], norms[fresh] if norms is not None else None, _rows(stored.lists, fresh))
     else:
         fast = fast_scan(codec, ids, codes, norms, stored.lists, stored.coarse)
@@ -239,27 +239,33 @@ def _apply_changes(
         fast = fast_scan(codec, add_ids, add_codes, add_norms, lists, coarse() if lists is not None else None)
         cosine = None if fast is not None else CosineIndex.build(add_codes, codec.search_index, add_norms)
         return CodedGroup(group.codec_id, cosine, add_ids, fast, lists, group.codec_digest, codec.search_index)
-    gone = rows_of(group.ids, affected)
-    keep = np.ones(len(group.ids), bool)
+    ids_before = group.ids
+    gone = rows_of(ids_before, affected)
+    keep = np.ones(len(ids_before), bool)
     keep[gone] = False
-    kept_ids = group.ids[keep]
+    kept_ids = ids_before[keep]
     at = np.searchsorted(kept_ids, add_ids)
-    lists = None
-    if group.lists is not None and (add_lists >= 0).all():
-        lists = np.insert(group.lists[keep], at, add_lists.astype(group.lists.dtype))
+    lists_ok = group.has_lists and bool((add_lists >= 0).all())
     fast = group.fast
     rows_after = len(kept_ids) + len(add_ids)
-    wants_lists = lists is not None and rows_after >= LISTS_MIN_ITEMS
+    wants_lists = lists_ok and rows_after >= LISTS_MIN_ITEMS
     if fast is not None and _catches_up_in_place(fast, rows_after, len(gone) + len(add_ids), wants_lists):
-        fast.remove(group.ids[gone])
-        fast.add(add_ids, add_codes, add_norms, add_lists if lists is not None else None)
+        # Lists by row are held only where the fast scan does not hold them (it scans without lists).
+        row_lists = None
+        if group.row_lists is not None and lists_ok:
+            row_lists = np.insert(group.row_lists[keep], at, add_lists.astype(np.int16))
+        fast.remove(ids_before[gone])
+        fast.add(add_ids, add_codes, add_norms, add_lists if lists_ok else None)
         # The exact scan, if one was built for an exact search, is dropped: rebuilt from the fast
-        # scan when next asked for, rather than changed on every catch-up. The ids are the fast
-        # scan's own, which it just inserted the same way.
-        return CodedGroup(group.codec_id, None, fast.ids, fast, lists, group.codec_digest, codec.search_index)
+        # scan when next asked for, rather than changed on every catch-up.
+        return CodedGroup(group.codec_id, None, None, fast, row_lists, group.codec_digest, codec.search_index)
+    lists = None
+    before_lists = group.lists if lists_ok else None
+    if before_lists is not None:
+        lists = np.insert(before_lists[keep], at, add_lists.astype(np.int16))
     ids = np.insert(kept_ids, at, add_ids)
     # Row of each kept item afterwards: its rank among the kept, plus the added ones inserted before it.
-    old_to_new = np.full(len(group.ids), -1, np.int64)
+    old_to_new = np.full(len(ids_before), -1, np.int64)
     ranks = np.arange(len(kept_ids))
     old_to_new[keep] = ranks + np.searchsorted(at, ranks, side="right")
     added_rows = at + np.arange(len(add_ids))
@@ -282,7 +288,7 @@ def _caught_up(
     token = earlier.tag.rsplit(":", 1)[-1]
     if earlier.changes_seq < 0 or not token or not repository.state_logged(token):
         return None
-    rows_before = sum(len(group.ids) for group in earlier.coded)
+    rows_before = sum(group.count for group in earlier.coded)
     changes = repository.changes_after(earlier.changes_seq, at_most=max(1_000, int(CATCH_UP_FRACTION * rows_before)))
     if changes is None:
         return None
@@ -304,7 +310,7 @@ def _caught_up(
             return None
         rows = _codec_rows(by_codec.get(codec_id, []), row)
         group = _apply_changes(load_codec(row), group, affected, rows, partial(_coarse, repository, row))
-        if len(group.ids):
+        if group.count:
             result.append(group)
     return result
 
@@ -341,11 +347,12 @@ def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_code
         if codes.shape[1:] != (codec.code_size,) and len(codes):
             return False
         coarse = None
-        if group.lists is not None:
+        lists = group.row_lists
+        if lists is not None:
             coarse = lists_from_bytes(repository.codec_lists(group.codec_id), codec.dim)
-        if coarse is None or (group.lists is not None and len(group.lists) and group.lists.max() >= len(coarse)):
-            group.lists = None
-        group.fast = fast_scan(codec, group.ids, codes, norms, group.lists, coarse)
+        if coarse is None or (lists is not None and len(lists) and lists.max() >= len(coarse)):
+            group.row_lists = lists = None
+        group.fast = fast_scan(codec, group.ids, codes, norms, lists, coarse)
         group.make_index = codec.search_index
         if group.fast is None and group.index is None:  # saved with a fast scan that no longer applies
             # (norms None here may be ones that fast scan computed from the codes: computed again)
@@ -354,7 +361,7 @@ def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_code
             )
         group.stored_arrays = None
         group.drop_exact_index()
-        group.share_ids()
+        group.hold_in_fast()
     return True
 
 

@@ -66,15 +66,15 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
     }
     for number, group in enumerate(index.coded):
         prefix = f"g{number}_"
-        arrays[prefix + "ids"] = group.ids.astype(np.int64)
         if group.index is None:
             # A fast scan without its exact scan: the codes and 1/‖x̂‖ by row, what a reopen builds
             # the fast scan from (an exact scan built just to be written would cost a full build's tenth).
-            codes, norms = group.arrays(held_norms_only=True)
+            ids, codes, norms, lists = group.rows(held_norms_only=True)
             arrays[prefix + "codes"] = codes
             # An empty array stands for None: unit-norm reconstructions, or norms the fast scan computes.
             arrays[prefix + "inverse_norms"] = (norms if norms is not None else np.empty(0)).astype(np.float32)
         else:
+            ids, lists = group.ids, group.lists
             parts = group.index.parts
             arrays[prefix + "part_sizes"] = np.array([len(part.rows) for part in parts], dtype=np.int64)
             arrays[prefix + "part_rows"] = np.concatenate([part.rows for part in parts]).astype(np.int64)
@@ -84,7 +84,8 @@ def save_cache(index: SearchIndex, path: Path, mode: int = 0o644) -> None:
             for part_number, part in enumerate(parts):
                 arrays[f"{prefix}index_{part_number}"] = faiss.serialize_index(part.index)
         # An empty array stands for None: no inverted lists.
-        arrays[prefix + "lists"] = (group.lists if group.lists is not None else np.empty(0)).astype(np.int32)
+        arrays[prefix + "ids"] = ids.astype(np.int64)
+        arrays[prefix + "lists"] = (lists if lists is not None else np.empty(0)).astype(np.int32)
         arrays[prefix + "codec_digest"] = np.frombuffer(group.codec_digest, dtype=np.uint8)
     arrays["checksum"] = _checksum(arrays)
     buffer = io.BytesIO()
@@ -207,7 +208,7 @@ def _group(arrays: dict[str, np.ndarray], number: int, codec_id: int, most_rows:
     digest = bytes(arrays[prefix + "codec_digest"])
     stored = None if codes is None else (codes, inverse_norms if len(inverse_norms) else None)
     return CodedGroup(
-        codec_id, index, ids, lists=lists if len(lists) else None, codec_digest=digest, stored_arrays=stored
+        codec_id, index, ids, row_lists=lists if len(lists) else None, codec_digest=digest, stored_arrays=stored
     )
 
 

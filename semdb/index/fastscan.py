@@ -11,6 +11,12 @@ re-encoded. The scan ranks by the quantised inner product; the best ``rerank`` c
 scored exactly, ``<A q, r(code)> / ‖x̂‖`` with float tables (what :class:`~semdb.cosine.CosineIndex`
 computes), and the best ``k`` of those returned.
 
+Each code is held once, in FAISS's blocks: a FAISS label is the image id and the item's FAISS list
+(:data:`LIST_BITS`), labels ascending within a list, so the re-rank finds a candidate's code in its
+list's blocks (:func:`unpack_blocks`) without a second copy by row, an id-to-row map or a list
+column; a bitmap of the ids held answers membership, and everything by row is read back from the
+lists (:meth:`FastScan.rows`) when asked (the cache, an exact scan).
+
 Norm bands: the fast scan ranks by the inner product, the answer by the cosine, and where
 ``‖x̂‖`` is measured through a map that is not orthonormal (query-weighted codecs) the best cosines
 are not among the best inner products of a short candidate list. So items are split
@@ -21,7 +27,8 @@ cosine within its band, and the best ``rerank`` over all copies go to the exact 
 Inverted lists: when the codec was trained with coarse centroids (``(lists, d)`` float32 in the
 embedding space, :mod:`semdb.index.lists`), each code sits in the list its embedding was assigned to
 at ingest, and a query probes its ``nprobe`` nearest lists; otherwise everything is one list, a
-full fast scan. Restrictions (``allowed`` image ids) run inside the scan as an ``IDSelectorBitmap``.
+full fast scan. Restrictions (``allowed`` image ids) run inside the scan: the allowed images'
+labels in the probed lists, as an ``IDSelectorBatch``.
 """
 
 from __future__ import annotations
@@ -203,6 +210,44 @@ def four_bit_layout(codec: Codec) -> FourBitLayout | None:
     return None
 
 
+# --- fast-scan's blocked layout ---------------------------------------------------------------------
+# FAISS packs 4-bit codes in blocks of 32 (pq4_pack_codes): for each pair of words, 32 bytes, the first
+# 16 holding word 2p of the block's items, the next 16 word 2p + 1, two items to a byte (item r in the
+# low nibble of byte SLOT[r % 16], item r + 16 in its high nibble). The re-rank reads the candidates'
+# codes from there, so no second copy of the codes is held by row.
+BLOCK = 32
+_ITEM_AT = np.array([0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15])  # byte j holds item _ITEM_AT[j]
+_SLOT = np.argsort(_ITEM_AT)  # the byte of item r (and of r + 16)
+
+# A FAISS label is (image id << LIST_BITS) | the item's FAISS list: a candidate's list (where its code
+# is) comes with it, and no id-to-list map is held. Within a list, labels are kept ascending.
+LIST_BITS = 16
+LIST_MASK = (1 << LIST_BITS) - 1
+MAX_IMAGE_ID = 2 ** (63 - LIST_BITS) - 1
+
+
+def pack_blocks(codes: np.ndarray) -> np.ndarray:
+    """``(n, P)`` uint8 codes in FAISS's word order → ``(ceil(n / 32) * 32 * P,)`` uint8 in fast-scan's
+    blocked layout (what ``pq4_pack_codes`` writes; the last block padded with zero words)."""
+    n, pairs = codes.shape
+    blocks = -(-n // BLOCK)
+    padded = np.zeros((blocks * BLOCK, pairs), np.uint8)
+    padded[:n] = codes
+    words = np.stack([padded & 0x0F, padded >> 4], axis=2).reshape(blocks, BLOCK, pairs, 2)
+    packed = words[:, _ITEM_AT] | (words[:, _ITEM_AT + 16] << 4)  # (blocks, 16, P, 2)
+    return np.ascontiguousarray(packed.transpose(0, 2, 3, 1)).ravel()
+
+
+def unpack_blocks(blocked: np.ndarray, offsets: np.ndarray, pairs: int) -> np.ndarray:
+    """The codes at ``offsets`` ``(r,)`` of a list's ``blocked`` bytes → ``(r, P)`` uint8, FAISS order."""
+    block, item = np.divmod(np.asarray(offsets, np.int64), BLOCK)
+    start = block * (BLOCK * pairs) + _SLOT[item % 16]
+    at = start[:, None, None] + (np.arange(pairs) * BLOCK)[:, None] + np.array([0, 16])  # (r, P, 2)
+    shift = np.where(item >= 16, 4, 0).astype(np.uint8)[:, None, None]
+    words = (blocked[at] >> shift) & 0x0F
+    return (words[:, :, 0] | (words[:, :, 1] << 4)).astype(np.uint8)
+
+
 def _block_lists(index: Any) -> Any:
     """The ``BlockInvertedLists`` of a fast-scan IVF index."""
     invlists: Any = faiss.extract_index_ivf(index).invlists
@@ -225,6 +270,12 @@ def _norms_of(inverse_norms: np.ndarray) -> np.ndarray:
     return np.divide(1.0, inverse, out=np.zeros_like(inverse), where=inverse > 0)
 
 
+def _in_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """``(n,)`` bool: which ``values`` are in ``sorted_set`` (ascending, non-empty)."""
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
+
+
 def norm_bands(layout: FourBitLayout, inverse_norms: np.ndarray | None) -> tuple[np.ndarray, np.ndarray] | None:
     """:data:`BANDS` equal-count bands of the items' ``‖x̂‖`` (from ``1/‖x̂‖`` ``(n,)``): ``(edges
     (BANDS - 1,) ascending, query scales (BANDS,) float32 = 1 / each band's median norm)``, or None
@@ -245,35 +296,57 @@ def norm_bands(layout: FourBitLayout, inverse_norms: np.ndarray | None) -> tuple
 
 
 class FastScan:
-    """An ``IndexIVFPQFastScan`` over one group's codes, plus what the exact re-rank needs.
+    """An ``IndexIVFPQFastScan`` over one group's codes: all that is held of them, item by item.
 
-    ``ids``: ``(n,)`` int64 sorted image ids; ``codes``: ``(n, M/2)`` uint8 (FAISS word order);
-    ``inverse_norms``: ``(n,)`` float32 ``1/‖x̂‖`` or None (unit-norm reconstructions); ``coarse``:
-    ``(lists, d)`` float32 centroids the codes' lists were assigned from, or None (one list);
-    ``bands``: the norm bands (:func:`norm_bands`), or None.
+    FAISS holds each code once, in its blocked layout, with its label (image id and FAISS list,
+    :data:`LIST_BITS`); beside it only a bitmap of the image ids held (one bit per id up to the
+    largest), and ``1/‖x̂‖`` by image id where a layout needs it stored (``inverse_norms``: float32
+    ``(largest id + 1,)``, or None: unit reconstructions, or computed from the words). The exact
+    re-rank reads its candidates' codes from the blocks; :meth:`rows` gives everything by row.
+    ``coarse``: ``(lists, d)`` float32 centroids the codes' lists were assigned from, or None (one
+    list); ``bands``: the norm bands (:func:`norm_bands`), or None.
     """
 
     def __init__(
         self, layout: FourBitLayout, coarse: np.ndarray | None, bands: tuple[np.ndarray, np.ndarray] | None = None
     ) -> None:
         self.layout = layout
-        self.coarse = coarse
         self.lists = 1 if coarse is None else len(coarse)
         # Norm bands (:func:`norm_bands`; None: one band). An item's FAISS list: its inverted list × B + its band.
         self.band_edges: np.ndarray | None = bands[0] if bands is not None else None
         self.band_scales: np.ndarray | None = bands[1] if bands is not None else None
         self.bands = 1 if bands is None else len(bands[1])
+        if self.faiss_lists > LIST_MASK + 1:
+            raise ValueError(f"at most {LIST_MASK + 1} lists × bands, not {self.faiss_lists}")
+        # The centroids live in the probe only (one copy).
         self.probe: faiss.IndexFlatIP | None = None
         if coarse is not None:
             self.probe = faiss.IndexFlatIP(coarse.shape[1])
             self.probe.add(np.ascontiguousarray(coarse, dtype=np.float32))
         self.index = self._empty_fast()
-        self.ids = np.empty(0, np.int64)
-        self.codes = np.empty((0, layout.words // 2), np.uint8)
+        self._blocks_of: Any = None
+        self._blocks_cached: Any = None
+        self.held = np.zeros(0, np.uint8)  # bit i (little order) set: image id i is held
+        self.ntotal = 0
         self.inverse_norms: np.ndarray | None = None
         # Scores are scaled by 1/‖x̂‖ but none are held: computed from the candidates' words at the
         # re-rank (orthonormal layouts, where that is a table sum): 4 bytes per item fewer.
         self.norms_from_words = False
+
+    @property
+    def has_lists(self) -> bool:
+        """Whether queries probe inverted lists (rather than scanning every code)."""
+        return self.probe is not None
+
+    @property
+    def pairs(self) -> int:
+        """Bytes per code, ``M / 2``."""
+        return self.layout.words // 2
+
+    @property
+    def faiss_lists(self) -> int:
+        """FAISS's lists: inverted lists × norm bands."""
+        return self.lists * self.bands
 
     # --- building -------------------------------------------------------------------------------
 
@@ -293,33 +366,33 @@ class FastScan:
         quantizer.this.disown()
         return ivf
 
-    @property
-    def faiss_lists(self) -> int:
-        """FAISS's lists: inverted lists × norm bands."""
-        return self.lists * self.bands
-
     def _empty_fast(self) -> Any:
-        return _converted(self._ivfpq())
+        index = _converted(self._ivfpq())
+        # The coarse quantiser of FAISS lists (zeros, never asked) is not kept: lists × bands × m floats.
+        quantizer: Any = faiss.downcast_index(index.quantizer)
+        quantizer.reset()
+        return index
 
-    def _fast_holding(self, ids: np.ndarray, codes: np.ndarray, lists: np.ndarray) -> Any:
-        """A fast-scan index holding ``codes`` of ``ids`` in ``lists`` (all ``(n,)``/``(n, M/2)``)."""
+    def _fast_holding(self, labels: np.ndarray, codes: np.ndarray) -> Any:
+        """A fast-scan index holding ``codes`` ``(n, P)`` under ``labels`` ``(n,)`` ascending."""
         ivf = self._ivfpq()
-        # uint16 where it fits: NumPy's stable sort is then a radix sort (6x faster than on int64).
-        keys = lists.astype(np.uint16) if self.faiss_lists <= 2**16 else lists
-        order = np.argsort(keys, kind="stable")
-        bounds = np.searchsorted(keys[order], np.arange(self.faiss_lists + 1))
+        lists = labels & LIST_MASK
+        # uint16: NumPy's stable sort is then a radix sort (6x faster than on int64).
+        order = np.argsort(lists.astype(np.uint16), kind="stable")
+        bounds = np.searchsorted(lists[order], np.arange(self.faiss_lists + 1))
         for list_no in np.flatnonzero(np.diff(bounds)).tolist():
             rows = order[bounds[list_no] : bounds[list_no + 1]]
-            if len(rows):
-                # Kept in names until add_entries returns: swig_ptr does not hold a reference.
-                list_ids = np.ascontiguousarray(ids[rows], dtype=np.int64)
-                list_codes = np.ascontiguousarray(codes[rows])
-                ivf.invlists.add_entries(list_no, len(rows), faiss.swig_ptr(list_ids), faiss.swig_ptr(list_codes))
-        ivf.ntotal = len(ids)
-        return _converted(ivf)
+            # Kept in names until add_entries returns: swig_ptr does not hold a reference.
+            list_labels = np.ascontiguousarray(labels[rows], dtype=np.int64)
+            list_codes = np.ascontiguousarray(codes[rows])
+            ivf.invlists.add_entries(list_no, len(rows), faiss.swig_ptr(list_labels), faiss.swig_ptr(list_codes))
+        ivf.ntotal = len(labels)
+        fast = _converted(ivf)
+        faiss.downcast_index(fast.quantizer).reset()
+        return fast
 
     def _check_lists(self, lists: np.ndarray | None, n: int) -> np.ndarray:
-        if lists is None or self.coarse is None:
+        if lists is None or self.probe is None:
             return np.zeros(n, np.int64)
         lists = np.asarray(lists, dtype=np.int64)
         if lists.shape != (n,) or (n and (lists.min() < 0 or lists.max() >= self.lists)):
@@ -350,14 +423,8 @@ class FastScan:
             inverse_norms = layout.inverse_norms(codes)
         scan = cls(layout, coarse if lists is not None else None, norm_bands(layout, inverse_norms))
         scan.norms_from_words = from_words
-        scan.add(ids, codes, inverse_norms, lists)
+        scan.add(ids, codes, None if from_words else inverse_norms, lists)
         return scan
-
-    def inverse_norms_by_row(self) -> np.ndarray | None:
-        """``(n,)`` float32 ``1/‖x̂‖`` by row (computed when :attr:`norms_from_words`), or None (unit)."""
-        if self.norms_from_words:
-            return self.layout.inverse_norms(self.layout.faiss_order(self.codes))
-        return self.inverse_norms
 
     def _faiss_lists(self, lists: np.ndarray, inverse_norms: np.ndarray | None) -> np.ndarray:
         """FAISS list of items in inverted ``lists`` ``(n,)`` with ``inverse_norms`` ``(n,)`` (or None)."""
@@ -366,6 +433,45 @@ class FastScan:
         norms = _norms_of(np.ones(len(lists), np.float32) if inverse_norms is None else inverse_norms)
         return lists * self.bands + np.searchsorted(self.band_edges, norms)
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """``(n,)`` bool: which image ``ids`` ``(n,)`` int64 are held."""
+        ids = np.asarray(ids, np.int64)
+        inside = (ids >= 0) & (ids < 8 * len(self.held))
+        found = np.zeros(len(ids), bool)
+        at = ids[inside]
+        found[inside] = (self.held[at >> 3] >> (at & 7).astype(np.uint8)) & 1 == 1
+        return found
+
+    def _mark(self, ids: np.ndarray, held: bool) -> None:
+        """Set (``held``) or clear the bits of image ``ids`` (sorted, unique) in :attr:`held`."""
+        if not len(ids):
+            return
+        if held and int(ids[-1]) >= 8 * len(self.held):
+            # Grown by a quarter at least, so that catching up does not copy the bitmap every time.
+            size = max(int(ids[-1]) // 8 + 1, len(self.held) + len(self.held) // 4) if len(self.held) else 0
+            grown = np.zeros(max(size, int(ids[-1]) // 8 + 1), np.uint8)
+            grown[: len(self.held)] = self.held
+            self.held = grown
+        bits = np.left_shift(1, ids & 7).astype(np.uint8)
+        if held:
+            np.bitwise_or.at(self.held, ids >> 3, bits)
+        else:
+            np.bitwise_and.at(self.held, ids >> 3, ~bits)
+
+    def _store_norms(self, ids: np.ndarray, inverse_norms: np.ndarray | None) -> None:
+        """Keep ``1/‖x̂‖`` of new ``ids`` (sorted) by id, where the layout needs them held."""
+        if self.norms_from_words or (inverse_norms is None and self.inverse_norms is None):
+            return
+        held = 0 if self.inverse_norms is None else len(self.inverse_norms)
+        if int(ids[-1]) >= held:
+            size = int(ids[-1]) + 1 if held == 0 else max(int(ids[-1]) + 1, held + held // 4)
+            grown = np.ones(size, np.float32)
+            if self.inverse_norms is not None:
+                grown[:held] = self.inverse_norms
+            self.inverse_norms = grown
+        assert self.inverse_norms is not None
+        self.inverse_norms[ids] = 1.0 if inverse_norms is None else inverse_norms
+
     def add(
         self, ids: np.ndarray, codes: np.ndarray, inverse_norms: np.ndarray | None, lists: np.ndarray | None
     ) -> None:
@@ -373,83 +479,146 @@ class FastScan:
         ids = np.asarray(ids, dtype=np.int64)
         if not len(ids):
             return
-        codes = self.layout.faiss_order(codes)
-        lists_checked = self._faiss_lists(self._check_lists(lists, len(ids)), inverse_norms)
-        added = self._fast_holding(ids, codes, lists_checked)
-        if self.index.ntotal:
-            self._append(added, ids, codes, lists_checked)
-        else:
-            self.index = added
-        # Inserted at their places by id (no sort of everything held): the new ids sorted first.
+        if ids.min() < 0 or ids.max() > MAX_IMAGE_ID:
+            raise ValueError(f"image ids must lie in [0, {MAX_IMAGE_ID}]")
         order = np.argsort(ids, kind="stable")
-        at = np.searchsorted(self.ids, ids[order])
-        held = len(self.ids)
-        self.ids = np.insert(self.ids, at, ids[order])
-        self.codes = np.insert(self.codes, at, codes[order], axis=0)
-        if not self.norms_from_words and (inverse_norms is not None or self.inverse_norms is not None):
-            old = self.inverse_norms if self.inverse_norms is not None else np.ones(held, np.float32)
-            new = np.asarray(inverse_norms, np.float32) if inverse_norms is not None else np.ones(len(ids), np.float32)
-            self.inverse_norms = np.insert(old, at, new[order])
-
-    def _append(self, added: Any, ids: np.ndarray, codes: np.ndarray, lists: np.ndarray) -> None:
-        """Move the lists of ``added`` (a fast-scan index of the new items) onto the end of ours.
-
-        Not ``merge_from``: FAISS 1.15's ``BlockInvertedLists::add_entries`` copies past its buffers
-        when a non-empty list holds a multiple of ``block_size`` entries. Such a list is repacked
-        whole (from :attr:`codes`) into an emptied list instead; every other list is appended to.
-        """
-        ours: Any = _block_lists(self.index)
-        theirs: Any = _block_lists(added)
-        for list_no in np.unique(lists).tolist():
-            held = int(ours.list_size(list_no))
-            source, count = theirs, int(theirs.list_size(list_no))
-            if held and held % int(ours.block_size) == 0:
-                old_ids = faiss.rev_swig_ptr(ours.get_ids(list_no), held).copy()
-                new = lists == list_no
-                rows = np.searchsorted(self.ids, old_ids)
-                whole = self._fast_holding(
-                    np.concatenate([old_ids, ids[new]]),
-                    np.concatenate([self.codes[rows], codes[new]]),
-                    np.full(held + int(new.sum()), list_no, np.int64),
-                )
-                source = _block_lists(whole)
-                count = int(source.list_size(list_no))
-                ours.resize(list_no, 0)
-            ours.add_entries(list_no, count, source.get_ids(list_no), source.get_codes(list_no))
-        self.index.ntotal += len(ids)
-
-    def remove(self, ids: np.ndarray) -> None:
-        """Forget the items of image ``ids`` (pruned or replaced images), from the scan and the arrays."""
-        ids = np.asarray(ids, dtype=np.int64)
-        rows = np.searchsorted(self.ids, ids)
-        inside = rows < len(self.ids)
-        rows = rows[inside][self.ids[rows[inside]] == ids[inside]]
-        if not len(rows):
-            return
-        keep = np.ones(len(self.ids), bool)
-        keep[rows] = False
-        self.index.remove_ids(faiss.IDSelectorBatch(ids))
-        self.ids, self.codes = self.ids[keep], self.codes[keep]
-        if self.inverse_norms is not None:
-            self.inverse_norms = self.inverse_norms[keep]
+        ids, codes = ids[order], self.layout.faiss_order(codes[order])
+        inverse_norms = np.asarray(inverse_norms, np.float32)[order] if inverse_norms is not None else None
+        lists = self._check_lists(lists[order] if lists is not None else None, len(ids))
+        labels = (ids << LIST_BITS) | self._faiss_lists(lists, inverse_norms)
+        self._mark(ids, True)
+        self._store_norms(ids, inverse_norms)
+        if self.ntotal == 0:
+            self.index = self._fast_holding(labels, codes)
+        else:
+            self._merge(labels, codes)
+        self.ntotal += len(ids)
 
     @property
-    def ntotal(self) -> int:
-        """Items held."""
-        return len(self.ids)
+    def _blocks(self) -> Any:
+        """The ``BlockInvertedLists`` of :attr:`index` (looked up once per index: SWIG calls cost µs)."""
+        if self._blocks_of is not self.index:
+            self._blocks_cached = _block_lists(self.index)
+            self._blocks_of = self.index
+        return self._blocks_cached
+
+    def _list(self, list_no: int) -> tuple[np.ndarray, np.ndarray]:
+        """Views (no copies) of FAISS list ``list_no``: ``(labels (s,) int64, blocked codes (bytes,) uint8)``;
+        valid until the list is next written."""
+        invlists = self._blocks
+        size = int(invlists.list_size(list_no))
+        if size == 0:
+            return np.empty(0, np.int64), np.empty(0, np.uint8)
+        labels = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
+        blocked = faiss.rev_swig_ptr(invlists.get_codes(list_no), -(-size // BLOCK) * BLOCK * self.pairs)
+        return labels, blocked
+
+    def _write_list(self, list_no: int, labels: np.ndarray, codes: np.ndarray) -> None:
+        """Replace FAISS list ``list_no`` by ``codes`` ``(s, P)`` under ``labels`` ``(s,)`` ascending.
+
+        Written whole from an emptied list, where FAISS copies whole blocks: not appended, because
+        FAISS 1.15's ``BlockInvertedLists::add_entries`` copies past its buffers when a non-empty
+        list holds a multiple of ``block_size`` entries."""
+        invlists = self._blocks
+        invlists.resize(list_no, 0)
+        if len(labels):
+            labels = np.ascontiguousarray(labels, np.int64)
+            packed = pack_blocks(codes)
+            invlists.add_entries(list_no, len(labels), faiss.swig_ptr(labels), faiss.swig_ptr(packed))
+
+    def _merge(self, labels: np.ndarray, codes: np.ndarray) -> None:
+        """Add ``codes`` under ``labels`` (ascending) to their lists, each list kept ascending."""
+        lists = labels & LIST_MASK
+        order = np.argsort(lists, kind="stable")
+        bounds = np.flatnonzero(np.diff(lists[order])) + 1
+        for rows in np.split(order, bounds):
+            list_no = int(lists[rows[0]])
+            held_labels, blocked = self._list(list_no)
+            held_codes = unpack_blocks(blocked, np.arange(len(held_labels)), self.pairs)
+            merged_labels = np.concatenate([held_labels, labels[rows]])
+            merged_codes = np.concatenate([held_codes, codes[rows]])
+            if len(held_labels) and held_labels[-1] > labels[rows[0]]:
+                by_label = np.argsort(merged_labels, kind="stable")
+                merged_labels, merged_codes = merged_labels[by_label], merged_codes[by_label]
+            self._write_list(list_no, merged_labels, merged_codes)
+        self.index.ntotal += len(labels)
+
+    def remove(self, ids: np.ndarray) -> None:
+        """Forget the items of image ``ids`` (pruned or replaced images; ids not held are ignored)."""
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        ids = ids[self.contains(ids)]
+        if not len(ids):
+            return
+        self._mark(ids, False)
+        removed = 0
+        invlists = self._blocks
+        for list_no in range(self.faiss_lists):
+            if invlists.list_size(list_no) == 0:
+                continue
+            labels, blocked = self._list(list_no)
+            gone = _in_sorted(labels >> LIST_BITS, ids)
+            if gone.any():
+                kept = np.flatnonzero(~gone)
+                codes = unpack_blocks(blocked, kept, self.pairs)
+                self._write_list(list_no, labels[kept].copy(), codes)
+                removed += int(gone.sum())
+        self.index.ntotal -= removed
+        self.ntotal -= removed
+
+    # --- by row ---------------------------------------------------------------------------------
+
+    def ids_by_row(self) -> np.ndarray:
+        """``(n,)`` int64: the image ids held, ascending (the rows of :meth:`rows`)."""
+        return np.flatnonzero(np.unpackbits(self.held, bitorder="little")).astype(np.int64)
+
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Everything held, by row (ascending image id): ``(ids (n,) int64, codes (n, M/2) uint8 in the
+        codec's own order, inverted lists (n,) int16 or None when there are none)``."""
+        labels_parts, code_parts = [], []
+        for list_no in range(self.faiss_lists):
+            labels, blocked = self._list(list_no)
+            if len(labels):
+                labels_parts.append(labels.copy())
+                code_parts.append(unpack_blocks(blocked, np.arange(len(labels)), self.pairs))
+        if not labels_parts:
+            return np.empty(0, np.int64), np.empty((0, self.pairs), np.uint8), None
+        labels = np.concatenate(labels_parts)
+        order = np.argsort(labels >> LIST_BITS, kind="stable")
+        labels = labels[order]
+        codes = self.layout.faiss_order(np.concatenate(code_parts)[order])
+        lists = ((labels & LIST_MASK) // self.bands).astype(np.int16) if self.has_lists else None
+        return labels >> LIST_BITS, codes, lists
+
+    def inverse_norms_by_row(self, ids: np.ndarray, codes: np.ndarray) -> np.ndarray | None:
+        """``(n,)`` float32 ``1/‖x̂‖`` of held ``ids`` ``(n,)`` with ``codes`` ``(n, M/2)`` (the codec's
+        order; computed when :attr:`norms_from_words`), or None (unit reconstructions)."""
+        if self.norms_from_words:
+            return self.layout.inverse_norms(codes)
+        return self.inverse_norms[ids] if self.inverse_norms is not None else None
 
     def nbytes(self) -> int:
-        """Resident bytes of the arrays and the fast-scan lists (blocks of 32 codes, ids)."""
-        invlists: Any = faiss.extract_index_ivf(self.index).invlists
-        sizes = [int(invlists.list_size(i)) for i in range(self.faiss_lists)]
-        block_bytes = 32 * self.layout.words // 2
-        packed, blocks = sum(sizes), sum(-(-size // 32) for size in sizes)
-        arrays = (
-            self.ids.nbytes + self.codes.nbytes + (self.inverse_norms.nbytes if self.inverse_norms is not None else 0)
-        )
-        return int(arrays + blocks * block_bytes + packed * 8)
+        """Resident bytes: FAISS's blocks of 32 codes and labels, the id bitmap, ``1/‖x̂‖`` by id, the
+        probe's centroids, and FAISS's per-list containers (counted as three pointers each)."""
+        invlists = self._blocks
+        sizes = np.array([int(invlists.list_size(i)) for i in range(self.faiss_lists)], np.int64)
+        blocks = int((-(-sizes // BLOCK)).sum())
+        probe = 0 if self.probe is None else self.probe.ntotal * self.probe.d * 4
+        norms = self.inverse_norms.nbytes if self.inverse_norms is not None else 0
+        containers = self.faiss_lists * 2 * 3 * 8
+        return int(blocks * BLOCK * self.pairs + int(sizes.sum()) * 8 + self.held.nbytes + norms + probe + containers)
 
     # --- search ---------------------------------------------------------------------------------
+
+    def _allowed_labels(self, probed: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """The labels in FAISS lists ``probed`` of the images in ``allowed`` (sorted ids, non-empty)."""
+        parts = []
+        for list_no in np.unique(probed).tolist():
+            if list_no < 0:
+                continue
+            labels, _ = self._list(list_no)
+            if len(labels):
+                parts.append(labels[_in_sorted(labels >> LIST_BITS, allowed)])
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def search(
         self,
@@ -467,7 +636,7 @@ class FastScan:
         there is one list).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        count = self.ntotal if allowed is None else int(np.isin(allowed, self.ids).sum())
+        count = self.ntotal if allowed is None else int(self.contains(allowed).sum())
         k = min(k, count)
         q = len(queries)
         if k <= 0:
@@ -479,18 +648,6 @@ class FastScan:
             centroid_scores = np.zeros((q, 1), np.float32)
         else:
             centroid_scores, assign = self.probe.search(queries, probes)
-        params: Any = faiss.SearchParametersIVF()
-        params.nprobe = probes
-        bitmap = None
-        if allowed is not None:
-            # One bit per image id up to the largest held: O(1) membership inside the scan.
-            top = int(self.ids[-1]) + 1
-            mask = np.zeros(top, bool)
-            inside = allowed[(allowed >= 0) & (allowed < top)]
-            mask[inside] = True
-            bitmap = np.packbits(mask, bitorder="little")
-            selector = faiss.IDSelectorBitmap(top, faiss.swig_ptr(bitmap))
-            params.sel = selector
         y = self.layout.transform(queries)
         copies, lists = y, assign
         if self.band_scales is not None:
@@ -498,13 +655,22 @@ class FastScan:
             copies = (y[:, None, :] * self.band_scales[None, :, None]).reshape(q * self.bands, -1)
             lists = (assign[:, None, :] * self.bands + np.arange(self.bands)[None, :, None]).reshape(q * self.bands, -1)
             centroid_scores = np.repeat(centroid_scores, self.bands, axis=0)
+        lists = np.ascontiguousarray(lists, dtype=np.int64)
+        params: Any = faiss.SearchParametersIVF()
+        params.nprobe = probes
+        selector = None
+        if allowed is not None:
+            # Labels carry the list, so the restriction is the allowed images' labels in the probed lists.
+            allowed_labels = self._allowed_labels(lists, allowed)
+            selector = faiss.IDSelectorBatch(len(allowed_labels), faiss.swig_ptr(allowed_labels))
+            params.sel = selector
         scores = np.empty((len(copies), depth), np.float32)
         found = np.empty((len(copies), depth), np.int64)
         self.index.search_preassigned_c(
             len(copies),
             faiss.swig_ptr(copies),
             depth,
-            faiss.swig_ptr(np.ascontiguousarray(lists, dtype=np.int64)),
+            faiss.swig_ptr(lists),
             faiss.swig_ptr(np.ascontiguousarray(centroid_scores, dtype=np.float32)),
             faiss.swig_ptr(scores),
             faiss.swig_ptr(found),
@@ -512,7 +678,7 @@ class FastScan:
             params,
             None,
         )
-        del params, bitmap  # the selector reads the bitmap through the scan: both held until here
+        del params, selector  # the parameters point at the selector: both held until here
         if self.bands > 1:
             # The best `depth` of every band's candidates, by their approximate cosines.
             scores, found = scores.reshape(q, -1), found.reshape(q, -1)
@@ -520,23 +686,37 @@ class FastScan:
             found = np.take_along_axis(found, best, axis=1)
         return self._rerank(y, found, k)
 
+    def _candidate_codes(self, labels: np.ndarray) -> np.ndarray:
+        """``(r, M/2)`` uint8 codes (FAISS order) of the held items under ``labels`` ``(r,)``, read from
+        their lists' blocks: by list, each label's place found in its list's ascending labels."""
+        codes = np.empty((len(labels), self.pairs), np.uint8)
+        lists = labels & LIST_MASK
+        order = np.argsort(lists, kind="stable")
+        bounds = np.flatnonzero(np.diff(lists[order])) + 1
+        for rows in np.split(order, bounds):
+            held, blocked = self._list(int(lists[rows[0]]))
+            codes[rows] = unpack_blocks(blocked, np.searchsorted(held, labels[rows]), self.pairs)
+        return codes
+
     def _rerank(self, y: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosines of the candidates ``found`` ``(q, R)`` (ids, -1 none) → the best ``k`` per query."""
+        """Exact cosines of the candidates ``found`` ``(q, R)`` (labels, -1 none) → the best ``k`` per query."""
         q, depth = found.shape
         valid = found >= 0
-        rows = np.clip(np.searchsorted(self.ids, np.where(valid, found, 0)), 0, len(self.ids) - 1)
+        labels = np.where(valid, found, found[valid][0] if valid.any() else 0).ravel()
         layout = self.layout
-        words = layout.words_of(self.codes[rows.ravel()]).reshape(q, depth, layout.words)
+        codes = self._candidate_codes(labels) if valid.any() else np.zeros((len(labels), self.pairs), np.uint8)
+        words = layout.words_of(codes).reshape(q, depth, layout.words)
         # tables[i, m, w] = <y_i sub-vector m, centroid w of word m>, in float: the exact scores.
         tables = np.einsum("qmd,mwd->qmw", y.reshape(q, layout.words, -1), layout.centroids).reshape(q, -1)
         flat = words.astype(np.int64) + np.arange(layout.words) * WORDS  # (q, R, M) into tables' rows
         exact = tables[np.arange(q)[:, None, None], flat].sum(axis=2)
+        ids = (labels >> LIST_BITS).reshape(q, depth)
         if self.norms_from_words:
             exact = exact * layout.table_inverse_norms(flat)
         elif self.inverse_norms is not None:
-            exact = exact * self.inverse_norms[rows]
+            exact = exact * self.inverse_norms[ids]
         exact = np.where(valid, exact, -np.inf).astype(np.float32)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
         best_scores = np.take_along_axis(exact, order, axis=1)
-        best_ids = np.take_along_axis(found, order, axis=1)
+        best_ids = np.take_along_axis(ids, order, axis=1)
         return best_scores, np.where(np.isfinite(best_scores), best_ids, -1)

@@ -19,66 +19,121 @@ EXACT_ALLOWED_MAX = 20_000
 
 @dataclass
 class CodedGroup:
-    """The indexed images coded by one codec: its cosine index and the image id of each row.
+    """The indexed images coded by one codec: its scans and the image id (and list) of each row.
 
-    ``ids``: ``(n,)`` int64, sorted. A code is only ever searched through the codec that made it.
+    Rows are in ascending image id. A code is only ever searched through the codec that made it.
     ``fast``: the fast approximate scan with exact re-rank (:mod:`semdb.index.fastscan`) when the
     codec's words are 4 bits and the group is large enough to gain from it; None: the exact scan.
-    ``index``: the exact cosine scan; None while a fast scan holds everything it needs (the codes and
-    ``1/‖x̂‖`` by row): :meth:`exact_index` builds it from those, with ``make_index``, on the first
-    exact search (resident memory: one copy of the codes, not two, until one is asked for).
+    A fast scan holds the group's ids, codes and lists itself, once: then ``row_ids`` and
+    ``row_lists`` are None and :attr:`ids`, :attr:`lists` and :meth:`arrays` are read from it.
+    ``index``: the exact cosine scan; None while a fast scan holds everything it needs:
+    :meth:`exact_index` builds it from that, with ``make_index``, on the first exact search.
     """
 
     codec_id: int
     index: CosineIndex | None
-    ids: np.ndarray
+    # (n,) int64 image ids, sorted; None where the fast scan holds them.
+    row_ids: np.ndarray | None
     fast: FastScan | None = None
-    # (n,) int16 inverted list of each row (None: no lists), and the sha256 of the codec's state:
-    # what the cache keeps so that a later state can be reconciled with it (semdb.index.build).
-    lists: np.ndarray | None = None
+    # (n,) int16 inverted list of each row (None: no lists, or the fast scan holds them), and the
+    # sha256 of the codec's state: what the cache keeps to reconcile a later state (semdb.index.build).
+    row_lists: np.ndarray | None = None
     codec_digest: bytes = b""
     make_index: Callable[[np.ndarray], faiss.Index] | None = None
     # Codes (n, code_size) uint8 and 1/‖x̂‖ (n,) or None by row, as a cache file holds them until the
     # group's fast scan is built from them (semdb.index.build); None otherwise.
     stored_arrays: tuple[np.ndarray, np.ndarray | None] | None = None
+    # The ids by row while an exact scan built from the fast scan is held (its hits are rows).
+    exact_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.index is None and self.stored_arrays is None and (self.fast is None or self.make_index is None):
             raise ValueError("a group without its exact index needs a fast scan and make_index to build it")
-        self.share_ids()
+        if self.row_ids is None and self.fast is None:
+            raise ValueError("a group without a fast scan needs its ids")
+        self.hold_in_fast()
 
-    def share_ids(self) -> None:
-        """Hold the fast scan's ids array as :attr:`ids` when equal: one array, not two (neither is
-        ever changed in place)."""
-        if self.fast is not None and self.fast.ids is not self.ids and np.array_equal(self.fast.ids, self.ids):
-            self.ids = self.fast.ids
+    def hold_in_fast(self) -> None:
+        """Drop the ids and lists by row where the fast scan holds them (one copy, not two)."""
+        if self.fast is None or self.stored_arrays is not None:
+            return
+        if self.row_ids is not None and len(self.row_ids) != self.fast.ntotal:
+            raise ValueError("the fast scan does not hold the group's rows")
+        if self.index is not None and self.exact_ids is None:
+            self.exact_ids = self.row_ids  # the exact scan's rows, while it is held
+        self.row_ids = None
+        if self.fast.has_lists:
+            self.row_lists = None
+
+    @property
+    def count(self) -> int:
+        """Rows."""
+        if self.row_ids is not None:
+            return len(self.row_ids)
+        assert self.fast is not None
+        return self.fast.ntotal
+
+    @property
+    def ids(self) -> np.ndarray:
+        """``(n,)`` int64 image ids, ascending (read from the fast scan where it holds them)."""
+        if self.row_ids is not None:
+            return self.row_ids
+        if self.exact_ids is not None:
+            return self.exact_ids
+        assert self.fast is not None
+        return self.fast.ids_by_row()
+
+    @property
+    def lists(self) -> np.ndarray | None:
+        """``(n,)`` int16 inverted list of each row, or None (no lists)."""
+        if self.row_lists is not None or self.fast is None or not self.fast.has_lists:
+            return self.row_lists
+        return self.fast.rows()[2]
+
+    @property
+    def has_lists(self) -> bool:
+        """Whether every row has an inverted list."""
+        return self.row_lists is not None or (self.fast is not None and self.fast.has_lists)
 
     def exact_index(self) -> CosineIndex:
         """The exact cosine scan, built (and kept) from the fast scan's arrays if not held."""
         if self.index is None:
             assert self.fast is not None and self.make_index is not None
-            codes, norms = self.arrays()
+            ids, codes, norms, _ = self.rows()
             self.index = CosineIndex.build(codes, self.make_index, norms)
+            self.exact_ids = ids if self.row_ids is None else None
         return self.index
 
-    def arrays(self, held_norms_only: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
-        """``(codes (n, code_size) uint8 in the codec's own order, 1/‖x̂‖ (n,) float32 or None)`` by row.
+    def rows(
+        self, held_norms_only: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``(ids (n,), codes (n, code_size) uint8 in the codec's own order, 1/‖x̂‖ (n,) float32 or None,
+        lists (n,) int16 or None)`` by row, read out of the fast scan in one pass where it holds them.
 
         ``held_norms_only``: None for norms a fast scan computes from the codes rather than holds (what
         the cache writes: the fast scan built from the file computes them the same way)."""
         if self.stored_arrays is not None:
-            return self.stored_arrays
-        if self.index is None:
+            return self.ids, *self.stored_arrays, self.row_lists
+        if self.index is None or (self.row_ids is None and self.exact_ids is None):
             assert self.fast is not None
-            # faiss_order swaps a byte's two words, or nothing: applied again it gives the codec's order.
-            codes = self.fast.layout.faiss_order(self.fast.codes)
-            return codes, self.fast.inverse_norms if held_norms_only else self.fast.inverse_norms_by_row()
-        return cosine_arrays(self.index)
+            ids, codes, lists = self.fast.rows()
+            lists = self.row_lists if self.row_lists is not None else lists
+            if held_norms_only and self.fast.norms_from_words:
+                return ids, codes, None, lists
+            return ids, codes, self.fast.inverse_norms_by_row(ids, codes), lists
+        return self.ids, *cosine_arrays(self.index), self.lists
+
+    def arrays(self, held_norms_only: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(codes (n, code_size) uint8 in the codec's own order, 1/‖x̂‖ (n,) float32 or None)`` by row
+        (see :meth:`rows`)."""
+        _, codes, norms, _ = self.rows(held_norms_only)
+        return codes, norms
 
     def drop_exact_index(self) -> None:
         """Free the exact scan where the fast scan can rebuild it (see :meth:`exact_index`)."""
         if self.fast is not None and self.make_index is not None:
             self.index = None
+            self.exact_ids = None
 
 
 def cosine_arrays(cosine: CosineIndex) -> tuple[np.ndarray, np.ndarray | None]:
@@ -141,7 +196,7 @@ class SearchIndex:
     @property
     def size(self) -> int:
         """Number of searchable rows."""
-        return sum(len(group.ids) for group in self.coded) + len(self.staged_ids)
+        return sum(group.count for group in self.coded) + len(self.staged_ids)
 
     def search(
         self,
@@ -167,21 +222,26 @@ class SearchIndex:
         parts_scores: list[np.ndarray] = []
         parts_ids: list[np.ndarray] = []
         for group in self.coded:
-            if len(group.ids) == 0:
+            if group.count == 0:
                 continue
-            rows = rows_of(group.ids, allowed) if allowed is not None else None
-            # A small allowed set is scanned exactly (|allowed| codes: cheap, and inverted lists could
-            # miss allowed images outside the probed lists).
-            fast = group.fast is not None and not exact and (rows is None or len(rows) > EXACT_ALLOWED_MAX)
+            fast = group.fast is not None and not exact
+            wanted = min(k, group.count)
+            if fast and allowed is not None and group.fast is not None:
+                # A small allowed set is scanned exactly (|allowed| codes: cheap, and inverted lists
+                # could miss allowed images outside the probed lists).
+                held = int(group.fast.contains(allowed).sum())
+                fast, wanted = held > EXACT_ALLOWED_MAX, min(k, held)
             found = None
             if fast and group.fast is not None:
                 scores, found = group.fast.search(queries, k, allowed, rerank=rerank, nprobe=nprobe)
-                wanted = min(k, len(group.ids) if rows is None else len(rows))
                 if ((found >= 0).sum(axis=1) < wanted).any():
                     found = None  # the probed lists held too few allowed images: scan exactly instead
             if found is None:
-                scores, hit = group.exact_index().search(queries, k, rows)
-                found = np.where(hit >= 0, group.ids[np.maximum(hit, 0)], -1)
+                exact_index = group.exact_index()
+                ids = group.ids
+                rows = rows_of(ids, allowed) if allowed is not None else None
+                scores, hit = exact_index.search(queries, k, rows)
+                found = np.where(hit >= 0, ids[np.maximum(hit, 0)], -1)
             parts_scores.append(scores)
             parts_ids.append(found)
         if self.staged is not None and len(self.staged_ids):
