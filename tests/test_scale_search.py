@@ -424,3 +424,38 @@ def test_the_fast_scan_holds_each_code_once_and_gives_the_rows_back(data: tuple[
     assert scan.contains(ids).tolist() == keep.tolist() and scan.ntotal == int(keep.sum())
     # Bytes: the blocks and labels FAISS holds, one bit per id, 4 bytes per id of 1/‖x̂‖, the centroids.
     assert scan.nbytes() >= int(keep.sum()) * (codes.shape[1] + 8) + 4 * int(ids[-1])
+
+
+def test_places_in_the_labels_stay_right_through_rounds_of_adds_and_removals(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """Appends to list ends and removals (holes filled from list ends, offsets renumbered), interleaved:
+    every code is still read from where its label says, and a full re-rank equals brute force."""
+    from semdb.index.lists import assign_lists, train_lists
+
+    x, queries = data
+    codec = CODECS["pcapq"](x)
+    codes = codec.encode(x)
+    norms = cosine_arrays(codec.cosine_index(codes))[1]
+    ids = np.arange(N, dtype=np.int64) * 3 + 1
+    centroids = train_lists(x, lists=4)
+    lists = assign_lists(centroids, x)
+    layout = four_bit_layout(codec)
+    assert layout is not None and norms is not None and lists is not None
+    rng = np.random.default_rng(5)
+    held = np.zeros(N, bool)
+    held[:600] = True
+    scan = FastScan.build(layout, ids[:600], codes[:600], norms[:600], lists[:600], centroids)
+    for start in range(600, N, 600):
+        new = np.arange(start, min(start + 600, N))
+        scan.add(ids[new], codes[new], norms[new], lists[new])
+        held[new] = True
+        gone = rng.choice(np.flatnonzero(held), size=150, replace=False)
+        scan.remove(ids[gone])
+        held[gone] = False
+        got_ids, got_codes, got_lists = scan.rows()
+        np.testing.assert_array_equal(got_ids, ids[held])
+        np.testing.assert_array_equal(got_codes, codes[held])
+        np.testing.assert_array_equal(got_lists, lists[held])
+        _, got = scan.search(queries, 10, rerank=N, nprobe=4)
+        np.testing.assert_array_equal(got, brute_force(codec, codes[held], ids[held], queries, 10))

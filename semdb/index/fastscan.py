@@ -11,11 +11,13 @@ re-encoded. The scan ranks by the quantised inner product; the best ``rerank`` c
 scored exactly, ``<A q, r(code)> / ‖x̂‖`` with float tables (what :class:`~semdb.cosine.CosineIndex`
 computes), and the best ``k`` of those returned.
 
-Each code is held once, in FAISS's blocks: a FAISS label is the image id and the item's FAISS list
-(:data:`LIST_BITS`), labels ascending within a list, so the re-rank finds a candidate's code in its
-list's blocks (:func:`unpack_blocks`) without a second copy by row, an id-to-row map or a list
-column; a bitmap of the ids held answers membership, and everything by row is read back from the
-lists (:meth:`FastScan.rows`) when asked (the cache, an exact scan).
+Each code is held once, in FAISS's blocks: a FAISS label is the image id and the item's place (its
+FAISS list and its offset there, :data:`ID_SHIFT`), so the re-rank reads a candidate's code straight
+from its list's blocks (:func:`unpack_blocks`) without a second copy by row, an id-to-row map or a
+list column. Appends go to the ends of their lists; a removal moves each list's last items into
+the holes (FAISS's own ``remove_ids``) and then renumbers that list's offsets. A bitmap of the ids
+held answers membership, and everything by row is read back from the lists
+(:meth:`FastScan.rows`) when asked (the cache, an exact scan).
 
 Norm bands: the fast scan ranks by the inner product, the answer by the cosine, and where
 ``‖x̂‖`` is measured through a map that is not orthonormal (query-weighted codecs) the best cosines
@@ -219,11 +221,11 @@ BLOCK = 32
 _ITEM_AT = np.array([0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15])  # byte j holds item _ITEM_AT[j]
 _SLOT = np.argsort(_ITEM_AT)  # the byte of item r (and of r + 16)
 
-# A FAISS label is (image id << LIST_BITS) | the item's FAISS list: a candidate's list (where its code
-# is) comes with it, and no id-to-list map is held. Within a list, labels are kept ascending.
-LIST_BITS = 16
-LIST_MASK = (1 << LIST_BITS) - 1
-MAX_IMAGE_ID = 2 ** (63 - LIST_BITS) - 1
+# A FAISS label is (image id << ID_SHIFT) | (FAISS list << offset bits) | offset in that list: a
+# candidate's code is found from its label alone, and no id-to-place map is held. The low ID_SHIFT bits
+# are shared between the list and the offset (FastScan.offset_bits), as the number of lists asks.
+ID_SHIFT = 32
+MAX_IMAGE_ID = 2 ** (63 - ID_SHIFT) - 1
 
 
 def pack_blocks(codes: np.ndarray) -> np.ndarray:
@@ -238,14 +240,35 @@ def pack_blocks(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed.transpose(0, 2, 3, 1)).ravel()
 
 
+@functools.lru_cache(maxsize=8)
+def _in_block(pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of a block's 32 items: ``(byte indices in the block (32, P, 2) int64, nibble shifts
+    (32, 1, 1) uint8)`` (see :func:`block_positions`)."""
+    item = np.arange(BLOCK)
+    at = _SLOT[item % 16][:, None, None] + (np.arange(pairs) * BLOCK)[:, None] + np.array([0, 16])
+    return at, np.where(item >= 16, 4, 0).astype(np.uint8)[:, None, None]
+
+
+def block_positions(offsets: np.ndarray, pairs: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where the codes at ``offsets`` ``(r,)`` of a list lie in its blocked bytes: ``(byte indices
+    (r, P, 2) int64 — word 2p at [:, p, 0], word 2p + 1 at [:, p, 1] —, nibble shifts (r, 1, 1) uint8)``."""
+    offsets = np.asarray(offsets, np.int64)
+    at, shift = _in_block(pairs)
+    item = offsets & (BLOCK - 1)
+    return at[item] + ((offsets - item) * pairs)[:, None, None], shift[item]
+
+
+def words_at(raw: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """The bytes read at :func:`block_positions` ``(r, P, 2)`` with their shifts → ``(r, P)`` uint8
+    codes, FAISS order."""
+    words = (raw >> shift) & 0x0F
+    return (words[:, :, 0] | (words[:, :, 1] << 4)).astype(np.uint8)
+
+
 def unpack_blocks(blocked: np.ndarray, offsets: np.ndarray, pairs: int) -> np.ndarray:
     """The codes at ``offsets`` ``(r,)`` of a list's ``blocked`` bytes → ``(r, P)`` uint8, FAISS order."""
-    block, item = np.divmod(np.asarray(offsets, np.int64), BLOCK)
-    start = block * (BLOCK * pairs) + _SLOT[item % 16]
-    at = start[:, None, None] + (np.arange(pairs) * BLOCK)[:, None] + np.array([0, 16])  # (r, P, 2)
-    shift = np.where(item >= 16, 4, 0).astype(np.uint8)[:, None, None]
-    words = (blocked[at] >> shift) & 0x0F
-    return (words[:, :, 0] | (words[:, :, 1] << 4)).astype(np.uint8)
+    at, shift = block_positions(offsets, pairs)
+    return words_at(blocked[at], shift)
 
 
 def _block_lists(index: Any) -> Any:
@@ -298,8 +321,8 @@ def norm_bands(layout: FourBitLayout, inverse_norms: np.ndarray | None) -> tuple
 class FastScan:
     """An ``IndexIVFPQFastScan`` over one group's codes: all that is held of them, item by item.
 
-    FAISS holds each code once, in its blocked layout, with its label (image id and FAISS list,
-    :data:`LIST_BITS`); beside it only a bitmap of the image ids held (one bit per id up to the
+    FAISS holds each code once, in its blocked layout, with its label (image id and place,
+    :data:`ID_SHIFT`); beside it only a bitmap of the image ids held (one bit per id up to the
     largest), and ``1/‖x̂‖`` by image id where a layout needs it stored (``inverse_norms``: float32
     ``(largest id + 1,)``, or None: unit reconstructions, or computed from the words). The exact
     re-rank reads its candidates' codes from the blocks; :meth:`rows` gives everything by row.
@@ -316,8 +339,11 @@ class FastScan:
         self.band_edges: np.ndarray | None = bands[0] if bands is not None else None
         self.band_scales: np.ndarray | None = bands[1] if bands is not None else None
         self.bands = 1 if bands is None else len(bands[1])
-        if self.faiss_lists > LIST_MASK + 1:
-            raise ValueError(f"at most {LIST_MASK + 1} lists × bands, not {self.faiss_lists}")
+        # The label's low ID_SHIFT bits: the FAISS list above, the offset in it below.
+        list_bits = (self.faiss_lists - 1).bit_length()
+        self.offset_bits = ID_SHIFT - list_bits
+        if self.offset_bits < 16:
+            raise ValueError(f"at most {2 ** (ID_SHIFT - 16)} lists × bands, not {self.faiss_lists}")
         # The centroids live in the probe only (one copy).
         self.probe: faiss.IndexFlatIP | None = None
         if coarse is not None:
@@ -326,6 +352,9 @@ class FastScan:
         self.index = self._empty_fast()
         self._blocks_of: Any = None
         self._blocks_cached: Any = None
+        # Numpy views of each FAISS list (labels, blocked codes), made on first use and dropped when
+        # the list is written: a view costs several SWIG calls, a search reads tens of lists.
+        self._views: list[tuple[np.ndarray, np.ndarray] | None] = [None] * self.faiss_lists
         self.held = np.zeros(0, np.uint8)  # bit i (little order) set: image id i is held
         self.ntotal = 0
         self.inverse_norms: np.ndarray | None = None
@@ -347,6 +376,17 @@ class FastScan:
     def faiss_lists(self) -> int:
         """FAISS's lists: inverted lists × norm bands."""
         return self.lists * self.bands
+
+    def _labels(self, ids: np.ndarray, faiss_lists: np.ndarray | int, offsets: np.ndarray) -> np.ndarray:
+        """``(n,)`` int64 labels of items of image ``ids`` at ``offsets`` of ``faiss_lists``."""
+        if len(offsets) and int(np.max(offsets)) >> self.offset_bits:
+            raise ValueError(f"a FAISS list holds at most {2**self.offset_bits} items")
+        return (ids << ID_SHIFT) | (np.asarray(faiss_lists, np.int64) << self.offset_bits) | offsets
+
+    def _place(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(FAISS lists, offsets)`` of items under ``labels``, both shaped like it."""
+        low = labels & ((1 << ID_SHIFT) - 1)
+        return low >> self.offset_bits, low & ((1 << self.offset_bits) - 1)
 
     # --- building -------------------------------------------------------------------------------
 
@@ -374,9 +414,10 @@ class FastScan:
         return index
 
     def _fast_holding(self, labels: np.ndarray, codes: np.ndarray) -> Any:
-        """A fast-scan index holding ``codes`` ``(n, P)`` under ``labels`` ``(n,)`` ascending."""
+        """A fast-scan index holding ``codes`` ``(n, P)`` under ``labels`` ``(n,)``, whose offsets
+        number each list's items in the order given."""
         ivf = self._ivfpq()
-        lists = labels & LIST_MASK
+        lists = self._place(labels)[0]
         # uint16: NumPy's stable sort is then a radix sort (6x faster than on int64).
         order = np.argsort(lists.astype(np.uint16), kind="stable")
         bounds = np.searchsorted(lists[order], np.arange(self.faiss_lists + 1))
@@ -452,11 +493,15 @@ class FastScan:
             grown = np.zeros(max(size, int(ids[-1]) // 8 + 1), np.uint8)
             grown[: len(self.held)] = self.held
             self.held = grown
-        bits = np.left_shift(1, ids & 7).astype(np.uint8)
+        # The bytes from the first id's to the last's, as a bool mask packed (ufunc.at is 6x slower).
+        low, high = int(ids[0]) >> 3, (int(ids[-1]) >> 3) + 1
+        mask = np.zeros(8 * (high - low), bool)
+        mask[ids - 8 * low] = True
+        bits = np.packbits(mask, bitorder="little")
         if held:
-            np.bitwise_or.at(self.held, ids >> 3, bits)
+            self.held[low:high] |= bits
         else:
-            np.bitwise_and.at(self.held, ids >> 3, ~bits)
+            self.held[low:high] &= ~bits
 
     def _store_norms(self, ids: np.ndarray, inverse_norms: np.ndarray | None) -> None:
         """Keep ``1/‖x̂‖`` of new ``ids`` (sorted) by id, where the layout needs them held."""
@@ -485,13 +530,19 @@ class FastScan:
         ids, codes = ids[order], self.layout.faiss_order(codes[order])
         inverse_norms = np.asarray(inverse_norms, np.float32)[order] if inverse_norms is not None else None
         lists = self._check_lists(lists[order] if lists is not None else None, len(ids))
-        labels = (ids << LIST_BITS) | self._faiss_lists(lists, inverse_norms)
+        faiss_lists = self._faiss_lists(lists, inverse_norms)
+        if self.ntotal == 0:
+            by_list = np.argsort(faiss_lists.astype(np.uint16), kind="stable")
+            starts = np.searchsorted(faiss_lists[by_list], np.arange(self.faiss_lists))
+            offsets = np.empty(len(ids), np.int64)
+            offsets[by_list] = np.arange(len(ids)) - starts[faiss_lists[by_list]]
+            labels = self._labels(ids, faiss_lists, offsets)
+            self.index = self._fast_holding(labels, codes)
+            self._views = [None] * self.faiss_lists
+        else:
+            self._append(ids, codes, faiss_lists)
         self._mark(ids, True)
         self._store_norms(ids, inverse_norms)
-        if self.ntotal == 0:
-            self.index = self._fast_holding(labels, codes)
-        else:
-            self._merge(labels, codes)
         self.ntotal += len(ids)
 
     @property
@@ -504,65 +555,72 @@ class FastScan:
 
     def _list(self, list_no: int) -> tuple[np.ndarray, np.ndarray]:
         """Views (no copies) of FAISS list ``list_no``: ``(labels (s,) int64, blocked codes (bytes,) uint8)``;
-        valid until the list is next written."""
+        kept until the list is next written (:meth:`_written`)."""
+        views = self._views[list_no]
+        if views is not None:
+            return views
         invlists = self._blocks
         size = int(invlists.list_size(list_no))
         if size == 0:
-            return np.empty(0, np.int64), np.empty(0, np.uint8)
-        labels = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
-        blocked = faiss.rev_swig_ptr(invlists.get_codes(list_no), -(-size // BLOCK) * BLOCK * self.pairs)
-        return labels, blocked
+            views = np.empty(0, np.int64), np.empty(0, np.uint8)
+        else:
+            labels = faiss.rev_swig_ptr(invlists.get_ids(list_no), size)
+            blocked = faiss.rev_swig_ptr(invlists.get_codes(list_no), -(-size // BLOCK) * BLOCK * self.pairs)
+            views = labels, blocked
+        self._views[list_no] = views
+        return views
 
-    def _write_list(self, list_no: int, labels: np.ndarray, codes: np.ndarray) -> None:
-        """Replace FAISS list ``list_no`` by ``codes`` ``(s, P)`` under ``labels`` ``(s,)`` ascending.
+    def _written(self, list_no: int) -> None:
+        """Forget the views of FAISS list ``list_no``: FAISS may have moved its buffers."""
+        self._views[list_no] = None
 
-        Written whole from an emptied list, where FAISS copies whole blocks: not appended, because
-        FAISS 1.15's ``BlockInvertedLists::add_entries`` copies past its buffers when a non-empty
-        list holds a multiple of ``block_size`` entries."""
+    def _append(self, ids: np.ndarray, codes: np.ndarray, faiss_lists: np.ndarray) -> None:
+        """Add the items of ``ids`` ``(n,)`` with ``codes`` ``(n, P)`` (FAISS order) to the ends of their
+        ``faiss_lists`` ``(n,)``.
+
+        Through FAISS's ``add_entries``, which packs each new code into the list's last block, except
+        where a list holds a multiple of ``block_size`` entries: there FAISS 1.15's ``add_entries``
+        copies past its buffers, so the list is grown and the new whole blocks written into it here."""
         invlists = self._blocks
-        invlists.resize(list_no, 0)
-        if len(labels):
-            labels = np.ascontiguousarray(labels, np.int64)
-            packed = pack_blocks(codes)
-            invlists.add_entries(list_no, len(labels), faiss.swig_ptr(labels), faiss.swig_ptr(packed))
-
-    def _merge(self, labels: np.ndarray, codes: np.ndarray) -> None:
-        """Add ``codes`` under ``labels`` (ascending) to their lists, each list kept ascending."""
-        lists = labels & LIST_MASK
-        order = np.argsort(lists, kind="stable")
-        bounds = np.flatnonzero(np.diff(lists[order])) + 1
+        block_bytes = int(invlists.block_size)
+        order = np.argsort(faiss_lists, kind="stable")
+        bounds = np.flatnonzero(np.diff(faiss_lists[order])) + 1
         for rows in np.split(order, bounds):
-            list_no = int(lists[rows[0]])
-            held_labels, blocked = self._list(list_no)
-            held_codes = unpack_blocks(blocked, np.arange(len(held_labels)), self.pairs)
-            merged_labels = np.concatenate([held_labels, labels[rows]])
-            merged_codes = np.concatenate([held_codes, codes[rows]])
-            if len(held_labels) and held_labels[-1] > labels[rows[0]]:
-                by_label = np.argsort(merged_labels, kind="stable")
-                merged_labels, merged_codes = merged_labels[by_label], merged_codes[by_label]
-            self._write_list(list_no, merged_labels, merged_codes)
-        self.index.ntotal += len(labels)
+            list_no = int(faiss_lists[rows[0]])
+            held = int(invlists.list_size(list_no))
+            labels = self._labels(ids[rows], list_no, held + np.arange(len(rows)))
+            packed = pack_blocks(codes[rows])
+            self._written(list_no)
+            if held and held % block_bytes == 0:
+                invlists.resize(list_no, held + len(rows))
+                held_labels, blocked = self._list(list_no)
+                held_labels[held:] = labels
+                blocked[held * self.pairs :] = packed  # held is a whole number of blocks of 32
+            else:
+                invlists.add_entries(list_no, len(rows), faiss.swig_ptr(labels), faiss.swig_ptr(packed))
+        self.index.ntotal += len(ids)
 
     def remove(self, ids: np.ndarray) -> None:
-        """Forget the items of image ``ids`` (pruned or replaced images; ids not held are ignored)."""
+        """Forget the items of image ``ids`` (pruned or replaced images; ids not held are ignored).
+
+        FAISS's ``remove_ids`` moves each list's last items into the holes; the offsets in the labels
+        of the lists it touched are then numbered again."""
         ids = np.unique(np.asarray(ids, dtype=np.int64))
         ids = ids[self.contains(ids)]
         if not len(ids):
             return
+        going = np.zeros(8 * len(self.held), bool)  # by image id, up to the largest held
+        going[ids] = True
         self._mark(ids, False)
-        removed = 0
-        invlists = self._blocks
-        for list_no in range(self.faiss_lists):
-            if invlists.list_size(list_no) == 0:
-                continue
-            labels, blocked = self._list(list_no)
-            gone = _in_sorted(labels >> LIST_BITS, ids)
-            if gone.any():
-                kept = np.flatnonzero(~gone)
-                codes = unpack_blocks(blocked, kept, self.pairs)
-                self._write_list(list_no, labels[kept].copy(), codes)
-                removed += int(gone.sum())
-        self.index.ntotal -= removed
+        labels = np.concatenate([self._list(list_no)[0] for list_no in range(self.faiss_lists)])
+        removing = labels[going[labels >> ID_SHIFT]]
+        del labels, going
+        removed = int(self.index.remove_ids(faiss.IDSelectorBatch(len(removing), faiss.swig_ptr(removing))))
+        keep = ~np.int64((1 << self.offset_bits) - 1)
+        for list_no in np.unique(self._place(removing)[0]).tolist():
+            self._written(list_no)
+            labels, _ = self._list(list_no)
+            labels[:] = (labels & keep) | np.arange(len(labels))
         self.ntotal -= removed
 
     # --- by row ---------------------------------------------------------------------------------
@@ -583,11 +641,11 @@ class FastScan:
         if not labels_parts:
             return np.empty(0, np.int64), np.empty((0, self.pairs), np.uint8), None
         labels = np.concatenate(labels_parts)
-        order = np.argsort(labels >> LIST_BITS, kind="stable")
+        order = np.argsort(labels >> ID_SHIFT, kind="stable")
         labels = labels[order]
         codes = self.layout.faiss_order(np.concatenate(code_parts)[order])
-        lists = ((labels & LIST_MASK) // self.bands).astype(np.int16) if self.has_lists else None
-        return labels >> LIST_BITS, codes, lists
+        lists = (self._place(labels)[0] // self.bands).astype(np.int16) if self.has_lists else None
+        return labels >> ID_SHIFT, codes, lists
 
     def inverse_norms_by_row(self, ids: np.ndarray, codes: np.ndarray) -> np.ndarray | None:
         """``(n,)`` float32 ``1/‖x̂‖`` of held ``ids`` ``(n,)`` with ``codes`` ``(n, M/2)`` (the codec's
@@ -617,7 +675,7 @@ class FastScan:
                 continue
             labels, _ = self._list(list_no)
             if len(labels):
-                parts.append(labels[_in_sorted(labels >> LIST_BITS, allowed)])
+                parts.append(labels[_in_sorted(labels >> ID_SHIFT, allowed)])
         return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def search(
@@ -688,14 +746,20 @@ class FastScan:
 
     def _candidate_codes(self, labels: np.ndarray) -> np.ndarray:
         """``(r, M/2)`` uint8 codes (FAISS order) of the held items under ``labels`` ``(r,)``, read from
-        their lists' blocks: by list, each label's place found in its list's ascending labels."""
-        codes = np.empty((len(labels), self.pairs), np.uint8)
-        lists = labels & LIST_MASK
+        their lists' blocks at the places the labels give: one gather per list."""
+        lists, offsets = self._place(labels)
         order = np.argsort(lists, kind="stable")
-        bounds = np.flatnonzero(np.diff(lists[order])) + 1
-        for rows in np.split(order, bounds):
-            held, blocked = self._list(int(lists[rows[0]]))
-            codes[rows] = unpack_blocks(blocked, np.searchsorted(held, labels[rows]), self.pairs)
+        at, shift = block_positions(offsets[order], self.pairs)
+        raw = np.empty(at.shape, np.uint8)
+        sorted_lists = lists[order]
+        starts = np.flatnonzero(sorted_lists[1:] != sorted_lists[:-1]) + 1
+        bounds = [0, *starts.tolist(), len(order)]
+        views = self._views
+        for list_no, start, end in zip(sorted_lists[bounds[:-1]].tolist(), bounds[:-1], bounds[1:], strict=True):
+            held = views[list_no]
+            raw[start:end] = (held if held is not None else self._list(list_no))[1][at[start:end]]
+        codes = np.empty((len(labels), self.pairs), np.uint8)
+        codes[order] = words_at(raw, shift)
         return codes
 
     def _rerank(self, y: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -710,7 +774,7 @@ class FastScan:
         tables = np.einsum("qmd,mwd->qmw", y.reshape(q, layout.words, -1), layout.centroids).reshape(q, -1)
         flat = words.astype(np.int64) + np.arange(layout.words) * WORDS  # (q, R, M) into tables' rows
         exact = tables[np.arange(q)[:, None, None], flat].sum(axis=2)
-        ids = (labels >> LIST_BITS).reshape(q, depth)
+        ids = (labels >> ID_SHIFT).reshape(q, depth)
         if self.norms_from_words:
             exact = exact * layout.table_inverse_norms(flat)
         elif self.inverse_norms is not None:
