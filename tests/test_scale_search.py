@@ -380,7 +380,7 @@ def test_blocked_layout_is_faiss_own_and_reads_back(words: int, n: int) -> None:
     """pack_blocks writes what FAISS's own conversion writes; unpack_blocks reads any code back."""
     import faiss
 
-    from semdb.index.fastscan import pack_blocks, unpack_blocks
+    from semdb.index.fastscan import pack_blocks, unpack_blocks, unpack_list
 
     rng = np.random.default_rng(words + n)
     codes = rng.integers(0, 256, (n, words // 2), dtype=np.uint8)
@@ -396,6 +396,7 @@ def test_blocked_layout_is_faiss_own_and_reads_back(words: int, n: int) -> None:
     np.testing.assert_array_equal(pack_blocks(codes), theirs)
     shuffled = rng.permutation(n)
     np.testing.assert_array_equal(unpack_blocks(theirs, shuffled, words // 2), codes[shuffled])
+    np.testing.assert_array_equal(unpack_list(theirs, n, words // 2), codes)
 
 
 def test_the_fast_scan_holds_each_code_once_and_gives_the_rows_back(data: tuple[np.ndarray, np.ndarray]) -> None:
@@ -459,3 +460,22 @@ def test_places_in_the_labels_stay_right_through_rounds_of_adds_and_removals(
         np.testing.assert_array_equal(got_lists, lists[held])
         _, got = scan.search(queries, 10, rerank=N, nprobe=4)
         np.testing.assert_array_equal(got, brute_force(codec, codes[held], ids[held], queries, 10))
+
+
+def test_ids_beyond_what_a_label_holds_keep_the_exact_scan(
+    data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from semdb.index import build
+    from semdb.index.fastscan import MAX_IMAGE_ID
+
+    x, _ = data
+    codec = CODECS["pcapq"](x)
+    codes = codec.encode(x)
+    ids = np.arange(N, dtype=np.int64)
+    monkeypatch.setattr(build, "FAST_SCAN_MIN_ITEMS", 100)
+    assert build.fast_scan(codec, ids, codes, None) is not None
+    assert build.fast_scan(codec, ids + MAX_IMAGE_ID, codes, None) is None
+    layout = four_bit_layout(codec)
+    assert layout is not None
+    with pytest.raises(ValueError, match="image ids must lie"):
+        FastScan.build(layout, ids + MAX_IMAGE_ID, codes, None)

@@ -39,7 +39,7 @@ from semdb.codecs.base import DECODE_CHUNK
 from semdb.cosine import CosineIndex, inverse_norms
 from semdb.errors import DatabaseDamagedError
 from semdb.index.cache import load_cache, save_cache
-from semdb.index.fastscan import FastScan, four_bit_layout
+from semdb.index.fastscan import MAX_IMAGE_ID, FastScan, four_bit_layout
 from semdb.index.lists import lists_from_bytes
 from semdb.index.search_index import CodedGroup, SearchIndex, cosine_arrays, flat_index, rows_of
 from semdb.store import CodecRow, Repository, Store
@@ -72,14 +72,16 @@ class StoredGroup:
     coarse: np.ndarray | None
 
 
-def _catches_up_in_place(fast: FastScan | None, rows: int, changed: int, wants_lists: bool) -> bool:
+def _catches_up_in_place(fast: FastScan | None, rows: int, changed: int, wants_lists: bool, added: np.ndarray) -> bool:
     """Whether ``fast`` is appended to and masked in place for a change of ``changed`` rows leaving
-    ``rows``: few rows changed, the group still takes a fast scan, and of the same kind (lists or not)."""
+    ``rows``, ``added`` ``(a,)`` the image ids added: few rows changed, the group still takes a fast
+    scan, of the same kind (lists or not), and the new ids fit its labels."""
     return (
         fast is not None
         and rows >= FAST_SCAN_MIN_ITEMS
         and changed <= CATCH_UP_FRACTION * rows
         and fast.has_lists == wants_lists
+        and (not len(added) or int(added.max()) <= MAX_IMAGE_ID)
     )
 
 
@@ -94,7 +96,7 @@ def fast_scan(
     """The fast scan of a group (:mod:`semdb.index.fastscan`), or None: the codec's words are not
     4 bits, or the group is smaller than :data:`FAST_SCAN_MIN_ITEMS` (where the exact scan is as fast).
     Inverted lists are probed from :data:`LISTS_MIN_ITEMS` codes on, when every code has a list."""
-    if len(ids) < FAST_SCAN_MIN_ITEMS:
+    if len(ids) < FAST_SCAN_MIN_ITEMS or int(ids.max()) > MAX_IMAGE_ID:  # labels hold 31-bit ids
         return None
     layout = four_bit_layout(codec)
     if layout is None:
@@ -190,7 +192,7 @@ def _reconcile(codec: Codec, stored: StoredGroup, earlier: CodedGroup | None) ->
     changed = int(fresh.sum()) + int(gone.sum())
     fast = earlier.fast
     wants_lists = stored.lists is not None and len(ids) >= LISTS_MIN_ITEMS
-    if fast is not None and _catches_up_in_place(fast, len(ids), changed, wants_lists):
+    if fast is not None and _catches_up_in_place(fast, len(ids), changed, wants_lists, ids[fresh]):
         fast.remove(old_ids[gone])
         fast.add(ids[fresh], codes[fresh], norms[fresh] if norms is not None else None, _rows(stored.lists, fresh))
     else:
@@ -249,7 +251,7 @@ def _apply_changes(
     fast = group.fast
     rows_after = len(kept_ids) + len(add_ids)
     wants_lists = lists_ok and rows_after >= LISTS_MIN_ITEMS
-    if fast is not None and _catches_up_in_place(fast, rows_after, len(gone) + len(add_ids), wants_lists):
+    if fast is not None and _catches_up_in_place(fast, rows_after, len(gone) + len(add_ids), wants_lists, add_ids):
         # Lists by row are held only where the fast scan does not hold them (it scans without lists).
         row_lists = None
         if group.row_lists is not None and lists_ok:
