@@ -427,12 +427,16 @@ def test_the_fast_scan_holds_each_code_once_and_gives_the_rows_back(data: tuple[
     assert scan.nbytes() >= int(keep.sum()) * (codes.shape[1] + 8) + 4 * int(ids[-1])
 
 
+@pytest.mark.parametrize("removal_batch", [50, 1 << 20])
 def test_places_in_the_labels_stay_right_through_rounds_of_adds_and_removals(
-    data: tuple[np.ndarray, np.ndarray],
+    data: tuple[np.ndarray, np.ndarray], removal_batch: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Appends to list ends and removals (holes filled from list ends, offsets renumbered), interleaved:
     every code is still read from where its label says, and a full re-rank equals brute force."""
+    from semdb.index import fastscan
     from semdb.index.lists import assign_lists, train_lists
+
+    monkeypatch.setattr(fastscan, "REMOVAL_BATCH", removal_batch)  # labels read a few lists at a time, or all
 
     x, queries = data
     codec = CODECS["pcapq"](x)

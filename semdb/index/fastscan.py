@@ -226,6 +226,8 @@ _SLOT = np.argsort(_ITEM_AT)  # the byte of item r (and of r + 16)
 # are shared between the list and the offset (FastScan.offset_bits), as the number of lists asks.
 ID_SHIFT = 32
 MAX_IMAGE_ID = 2 ** (63 - ID_SHIFT) - 1
+# Labels a removal reads at a time to find those of the removed ids.
+REMOVAL_BATCH = 1 << 20
 
 
 def pack_blocks(codes: np.ndarray) -> np.ndarray:
@@ -619,12 +621,22 @@ class FastScan:
         ids = ids[self.contains(ids)]
         if not len(ids):
             return
-        going = np.zeros(8 * len(self.held), bool)  # by image id, up to the largest held
-        going[ids] = True
+        before = self.held.copy()
         self._mark(ids, False)
-        labels = np.concatenate([self._list(list_no)[0] for list_no in range(self.faiss_lists)])
-        removing = labels[going[labels >> ID_SHIFT]]
-        del labels, going
+        going = before ^ self.held  # the bits of the ids removed
+        del before
+        # The labels of the removed ids, read a few lists at a time (memory bounded whatever n).
+        found, batch, held = [], [], 0
+        for list_no in range(self.faiss_lists):
+            batch.append(self._list(list_no)[0])
+            held += len(batch[-1])
+            if held >= REMOVAL_BATCH or list_no == self.faiss_lists - 1:
+                labels = np.concatenate(batch)
+                at = labels >> ID_SHIFT
+                found.append(labels[(going[at >> 3] >> (at & 7).astype(np.uint8)) & 1 == 1])
+                batch, held = [], 0
+        removing = np.concatenate(found)
+        del going
         removed = int(self.index.remove_ids(faiss.IDSelectorBatch(len(removing), faiss.swig_ptr(removing))))
         keep = ~np.int64((1 << self.offset_bits) - 1)
         for list_no in np.unique(self._place(removing)[0]).tolist():
