@@ -771,9 +771,10 @@ class FastScan:
             found = np.take_along_axis(found, best, axis=1)
         return self._rerank(y, found, k)
 
-    def _candidate_codes(self, labels: np.ndarray) -> np.ndarray:
-        """``(r, M/2)`` uint8 codes (FAISS order) of the held items under ``labels`` ``(r,)``, read from
-        their lists' blocks at the places the labels give: one gather per list."""
+    def _candidate_words(self, labels: np.ndarray) -> np.ndarray:
+        """``(r, M)`` int64 indices ``16 m + word_m`` (rows of a ``(M * 16)`` table) of the codes of the
+        held items under ``labels`` ``(r,)``, read from their lists' blocks at the places the labels
+        give: one gather per list."""
         lists, offsets = self._place(labels)
         order = np.argsort(lists, kind="stable")
         at, shift = block_positions(offsets[order], self.pairs)
@@ -785,9 +786,15 @@ class FastScan:
         for list_no, start, end in zip(sorted_lists[bounds[:-1]].tolist(), bounds[:-1], bounds[1:], strict=True):
             held = views[list_no]
             raw[start:end] = (held if held is not None else self._list(list_no))[1][at[start:end]]
-        codes = np.empty((len(labels), self.pairs), np.uint8)
-        codes[order] = words_at(raw, shift)
-        return codes
+        flat = np.empty((len(labels), self.layout.words), np.int64)
+        # raw[:, p, j] holds word 2p + j in the nibble `shift` selects: in word order once reshaped.
+        flat[order] = ((raw >> shift) & 0x0F).reshape(len(labels), -1) + self._word_rows
+        return flat
+
+    @functools.cached_property
+    def _word_rows(self) -> np.ndarray:
+        """``(M,)`` int64 ``16 m``: where word ``m``'s 16 entries start in a flattened ``(M, 16)`` table."""
+        return np.arange(self.layout.words, dtype=np.int64) * WORDS
 
     def _rerank(self, y: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact cosines of the candidates ``found`` ``(q, R)`` (labels, -1 none) → the best ``k`` per query."""
@@ -795,11 +802,12 @@ class FastScan:
         valid = found >= 0
         labels = np.where(valid, found, found[valid][0] if valid.any() else 0).ravel()
         layout = self.layout
-        codes = self._candidate_codes(labels) if valid.any() else np.zeros((len(labels), self.pairs), np.uint8)
-        words = layout.words_of(codes).reshape(q, depth, layout.words)
-        # tables[i, m, w] = <y_i sub-vector m, centroid w of word m>, in float: the exact scores.
+        if valid.any():
+            flat = self._candidate_words(labels).reshape(q, depth, layout.words)
+        else:
+            flat = np.broadcast_to(self._word_rows, (q, depth, layout.words))
+        # tables[i, 16 m + w] = <y_i sub-vector m, centroid w of word m>, in float: the exact scores.
         tables = np.einsum("qmd,mwd->qmw", y.reshape(q, layout.words, -1), layout.centroids).reshape(q, -1)
-        flat = words.astype(np.int64) + np.arange(layout.words) * WORDS  # (q, R, M) into tables' rows
         exact = tables[np.arange(q)[:, None, None], flat].sum(axis=2)
         ids = (labels >> ID_SHIFT).reshape(q, depth)
         if self.norms_from_words:
@@ -808,6 +816,6 @@ class FastScan:
             exact = exact * self.inverse_norms[ids]
         exact = np.where(valid, exact, -np.inf).astype(np.float32)
         order = np.argsort(-exact, axis=1, kind="stable")[:, :k]
-        best_scores = np.take_along_axis(exact, order, axis=1)
-        best_ids = np.take_along_axis(ids, order, axis=1)
+        rows = np.arange(q)[:, None]
+        best_scores, best_ids = exact[rows, order], ids[rows, order]
         return best_scores, np.where(np.isfinite(best_scores), best_ids, -1)
