@@ -28,6 +28,7 @@ import numpy as np
 
 from semdb.codecs import Codec
 from semdb.codecs.choice import FIDELITY_QUERIES, train_for_database
+from semdb.cosine import CosineIndex
 from semdb.evaluation import RECALL_QUERIES, recall_at_k
 from semdb.fidelity import at_collection
 
@@ -52,18 +53,19 @@ def offline(codec: Codec, items: np.ndarray, queries: np.ndarray, seed: int = 0)
     """The fidelity figures of ``codec`` over the whole of ``items`` ``(n, d)``."""
     codes = codec.encode(items)
     coded = codec.cosine_index(codes)
+    coded_for_images = codec.image_cosine_index(codes)  # the item path where the codec has one
     exact = faiss.IndexFlatIP(items.shape[1])
     exact.add(items)
     probes = items[np.random.default_rng(seed).choice(len(items), min(RECALL_QUERIES, len(items)), replace=False)]
 
-    def agreement(q: np.ndarray) -> float:
-        return recall_at_k(exact.search(q, 10)[1], coded.search(q, 10)[1])
+    def agreement(q: np.ndarray, index: CosineIndex) -> float:
+        return recall_at_k(exact.search(q, 10)[1], index.search(q, 10)[1])
 
     decoded = codec.decode(codes)
     cosine = (decoded * items).sum(1) / np.maximum(np.linalg.norm(decoded, axis=1), 1e-12)
     return {
-        "text_to_image": agreement(queries),
-        "image_to_image": agreement(probes),
+        "text_to_image": agreement(queries, coded),
+        "image_to_image": agreement(probes, coded_for_images),
         "mean_cosine": float(cosine.mean()),
     }
 

@@ -14,9 +14,13 @@ One thread, one query at a time, side by side over the same codes:
 
 ``recall (float)`` is against the float brute force. Codecs: ``--codecs`` (``default`` is what
 ``semdb ingest`` trains: :func:`semdb.codecs.choice.train_for_database` with the generic query sample).
+``--image-queries N``: N random sentences are the queries instead (search by image), scored as the
+database scores image queries — through the codec's item path where it has one
+(:meth:`~semdb.codecs.base.Codec.image_cosine_index` is then the exact truth).
 
     python benchmarks/scale_real.py                         # pcapq 64 and 128, default 64; ~5 min
     python benchmarks/scale_real.py --codecs pcapq:128
+    python benchmarks/scale_real.py --codecs default:64 --image-queries 500
 """
 
 from __future__ import annotations
@@ -36,8 +40,10 @@ from scale import COLUMNS, K, exact_baseline, measured, timed
 
 from semdb.codecs import Codec, train_codec
 from semdb.codecs.choice import train_for_database
-from semdb.index.fastscan import FastScan, FourBitLayout, four_bit_layout
+from semdb.cosine import CosineIndex
+from semdb.index.fastscan import FastScan, FourBitLayout, four_bit_layout, item_layout
 from semdb.index.lists import assign_lists, list_count, train_lists
+from semdb.index.search_index import cosine_arrays
 
 
 def trained(name: str, bits: int, train: np.ndarray, sample: np.ndarray | None) -> Codec:
@@ -53,6 +59,7 @@ def main() -> None:
     parser.add_argument("--codecs", default="pcapq:64,pcapq:128,default:64", help="name:bits, comma-separated")
     parser.add_argument("--reranks", default="64,128,256")
     parser.add_argument("--nprobes", default="4,8,16,32")
+    parser.add_argument("--image-queries", type=int, default=0, help="this many random sentences as image queries")
     args = parser.parse_args()
     print(machine())
     names, sentences, labels, prompts = load_cupl()
@@ -61,6 +68,8 @@ def main() -> None:
     items = np.ascontiguousarray(sentences, dtype=np.float32)
     queries = np.ascontiguousarray(prompts, dtype=np.float32)
     n = len(items)
+    if args.image_queries:
+        queries = items[np.random.default_rng(0).choice(n, args.image_queries, replace=False)]
     wanted = [(part.split(":")[0], int(part.split(":")[1])) for part in args.codecs.split(",")]
     sample = generic_sample(names, held_out) if any(name == "default" for name, _ in wanted) else None
     lists = list_count(len(train))
@@ -68,7 +77,8 @@ def main() -> None:
     assert coarse is not None
     item_lists = assign_lists(coarse, items)
     float_truth = np.argsort(-(queries @ items.T), axis=1)[:, :K]
-    print(f"{n:,} CuPL sentences, {len(queries)} class prompts as queries; {lists} lists trained on {len(train):,}")
+    kind = "random sentences as image queries" if args.image_queries else "class prompts as queries"
+    print(f"{n:,} CuPL sentences, {len(queries)} {kind}; {lists} lists trained on {len(train):,}")
     for name, bits in wanted:
         started = time.process_time()
         codec = trained(name, bits, train, sample)
@@ -104,7 +114,16 @@ def searches(
     rows: list[list[object]] = []
     faiss.omp_set_num_threads(1)
     with threadpool_limits(limits=1):
-        norms, exact_build, (exact_ids, walls, cpus) = exact_baseline(codec, codes, queries)
+        image_queries = bool(args.image_queries)
+        if image_queries:
+            # The fast scan is built with the text path's norms (its bands); the truth is the image path's.
+            norms = cosine_arrays(codec.cosine_index(codes))[1]
+            started = time.perf_counter()
+            for_images: CosineIndex = codec.image_cosine_index(codes)
+            exact_build = time.perf_counter() - started
+            exact_ids, walls, cpus = timed(lambda q: for_images.search(q, K)[1], queries)
+        else:
+            norms, exact_build, (exact_ids, walls, cpus) = exact_baseline(codec, codes, queries)
         if norms is not None:
             spread = np.quantile(1 / norms[norms > 0], [0.01, 0.5, 0.99])
             low, middle, high = spread.tolist()
@@ -113,15 +132,21 @@ def searches(
         rows.append(measured("exact", exact_ids, walls, cpus, truths, float("nan"), exact_build))
         t = time.perf_counter()
         flat = FastScan.build(layout, ids, codes, norms)
+        flat.item_layout = item_layout(codec)  # as semdb.index.build.fast_scan sets it
         flat_build = time.perf_counter() - t
         for rerank in map(int, args.reranks.split(",")):
-            got, walls, cpus = timed(lambda q, r=rerank: flat.search(q, K, rerank=r)[1], queries)
+            got, walls, cpus = timed(
+                lambda q, r=rerank: flat.search(q, K, rerank=r, image_queries=image_queries)[1], queries
+            )
             rows.append(measured(f"fast R={rerank}", got, walls, cpus, truths, flat.nbytes() / n, flat_build))
         t = time.perf_counter()
         ivf = FastScan.build(layout, ids, codes, norms, item_lists, coarse)
+        ivf.item_layout = item_layout(codec)
         ivf_build = time.perf_counter() - t
         for nprobe in map(int, args.nprobes.split(",")):
-            got, walls, cpus = timed(lambda q, p=nprobe: ivf.search(q, K, nprobe=p)[1], queries)
+            got, walls, cpus = timed(
+                lambda q, p=nprobe: ivf.search(q, K, nprobe=p, image_queries=image_queries)[1], queries
+            )
             label = f"ivf {len(coarse)}/{nprobe} R=128"
             rows.append(measured(label, got, walls, cpus, truths, ivf.nbytes() / n, ivf_build))
     return rows

@@ -505,13 +505,16 @@ class Database:
         allowed: np.ndarray | None = None,
         exact: bool = False,
         nprobe: int | None = None,
+        image_queries: bool = False,
     ) -> list[list[SearchResult]]:
         """Search with ready-made query embeddings ``(q, d)`` float32; one best-first list per query.
 
         ``allowed``: sorted int64 image ids the scan is restricted to (None: all); ``exact``: the
         proven-exact cosine scan instead of the fast scan with exact re-rank (see :mod:`semdb.index`);
         ``nprobe``: inverted lists the fast scan probes on large collections (more: slower, closer to
-        exact; default :data:`semdb.index.fastscan.DEFAULT_NPROBE`).
+        exact; default :data:`semdb.index.fastscan.DEFAULT_NPROBE`); ``image_queries``: the queries
+        are image embeddings (search by image), scored through the codec's item path where it has
+        one (the default codec's second decoder, ``docs/codecs.md`` §11j) — text embeddings otherwise.
         """
         if nprobe is not None and nprobe < 1:
             raise InvalidArgumentError(f"nprobe must be at least 1, got {nprobe}")
@@ -520,9 +523,13 @@ class Database:
         index = self.index()
         if index.size == 0 or self._store is None:
             raise NotReadyError(f"database {self.location} has no searchable images yet; run `semdb ingest` first")
-        knobs = {"nprobe": nprobe} if nprobe is not None else {}
         scores, ids = index.search(
-            np.ascontiguousarray(queries, dtype=np.float32), k, allowed=allowed, exact=exact, **knobs
+            np.ascontiguousarray(queries, dtype=np.float32),
+            k,
+            allowed=allowed,
+            exact=exact,
+            image_queries=image_queries,
+            **({"nprobe": nprobe} if nprobe is not None else {}),
         )
         with self._store.reading() as repository:
             paths = repository.image_paths(int(i) for i in ids.ravel() if i >= 0)
@@ -576,7 +583,7 @@ class Database:
         """Image → the ``k`` most similar images, best first (``exact``: see :meth:`search_vectors`)."""
         self._check_model()
         image = load_image(path)
-        return self.search_vectors(self.encoder.encode_images([image]), k, exact=exact)[0]
+        return self.search_vectors(self.encoder.encode_images([image]), k, exact=exact, image_queries=True)[0]
 
     # --- issue 13: the query type, and what it needs of the database ----------------------------
 
@@ -632,7 +639,11 @@ class Database:
         code = np.frombuffer(blob, dtype=np.uint8)[None, :]
         if code.shape[1] != codec.code_size:
             raise DatabaseDamagedError(f"{self.location} is damaged: image {image_id}'s code has the wrong length")
-        return np.asarray(codec.decode(code)[0], dtype=np.float32)
+        # The item path's reconstruction where the codec has one: it is fitted to the item itself,
+        # where the text path's is fitted to what text queries see of it.
+        items = getattr(codec, "item_vectors", None) if codec.has_item_path else None
+        decoded = items(code) if items is not None else None
+        return np.asarray((decoded if decoded is not None else codec.decode(code))[0], dtype=np.float32)
 
     def filtered_ids(self, **filters: Any) -> np.ndarray:
         """Sorted ids of the indexed images passing ``filters`` (see

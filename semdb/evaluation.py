@@ -138,9 +138,9 @@ def evaluate_codecs(
             seconds = time.perf_counter() - start
             codes = codec.encode(test)
             index = codec.cosine_index(codes)
-            # Item queries go through the codec's item path where it has one (Codec.item_cosine_index).
-            items = codec.item_cosine_index(codes)
-            _, found = (index if items is None else items).search(recall_queries, k)
+            # Item queries go through the codec's item path where it has one, as the database's do.
+            items = codec.image_cosine_index(codes) if codec.has_item_path else index
+            _, found = items.search(recall_queries, k)
             add(
                 name,
                 codec.bits_per_image,

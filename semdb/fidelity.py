@@ -2,7 +2,8 @@
 
 When a database trains its codec, some of the staged embeddings are held out of training
 (:func:`holdout_rows`); the codec then codes every staged embedding, and the codes are searched as
-the database searches them (:meth:`Codec.cosine_index`) against the floats they came from:
+the database searches them (:meth:`Codec.cosine_index` for texts, :meth:`Codec.image_cosine_index`
+for images) against the floats they came from:
 
 * ``text_to_image``: for each query of the generic sample (:mod:`semdb.vocabulary`), the share of
   its float top-10 among the staged images that the codes also put in its top 10;
@@ -26,6 +27,7 @@ import faiss
 import numpy as np
 
 from semdb.codecs.base import Codec, as_embeddings
+from semdb.cosine import CosineIndex
 from semdb.evaluation import RECALL_K, recall_at_k
 
 HOLDOUT = 1000  # held-out embeddings measured, at most
@@ -78,13 +80,16 @@ def measure(codec: Codec, embeddings: np.ndarray, held_out: np.ndarray, queries:
         """``(text→image, image→image)`` agreement when the images searched are rows ``searched``."""
         k = min(RECALL_K, len(searched))
         coded = codec.cosine_index(codes[searched])
+        # Image queries search the codec's item path where it has one, as the database's do.
+        coded_for_images = codec.image_cosine_index(codes[searched]) if codec.has_item_path else coded
         exact = faiss.IndexFlatIP(x.shape[1])  # the floats are unit vectors: inner product is cosine
         exact.add(x[searched])
 
-        def agreement(probes: np.ndarray) -> float:
-            return recall_at_k(exact.search(probes, k)[1], coded.search(probes, k)[1])
+        def agreement(probes: np.ndarray, index: CosineIndex) -> float:
+            return recall_at_k(exact.search(probes, k)[1], index.search(probes, k)[1])
 
-        return (None if text_queries is None else agreement(text_queries)), agreement(originals)
+        text = None if text_queries is None else agreement(text_queries, coded)
+        return text, agreement(originals, coded_for_images)
 
     text, image = agreements(np.arange(len(x)))
     text_slope = image_slope = None

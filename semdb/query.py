@@ -360,7 +360,12 @@ def run(database: Database, query: Query) -> ResultPage:
     if allowed is not None and len(allowed) == 0:
         hits: list[SearchResult] = []
     else:
-        hits = database.search_vectors(vector, wanted, allowed=allowed, exact=query.exhaustive)[0]
+        # Only images (files, or stored ones by id) in the query: it is an image query, scored through
+        # the codec's item path where it has one; a query with any text in it is a text query.
+        images_only = all(term.kind in ("image", "id") for term in query.terms)
+        hits = database.search_vectors(
+            vector, wanted, allowed=allowed, exact=query.exhaustive, image_queries=images_only
+        )[0]
     searched = time.perf_counter()
     cut = query.filters.min_score
     if cut is not None:

@@ -64,6 +64,7 @@ def test_the_default_keeps_the_items_neighbours_from_64_bits() -> None:
         assert isinstance(codec, QueryWeightedCodec)
         items = bits >= ITEM_TERMS_FROM_BITS
         assert codec.base.model.config.plain_weight == (ITEM_TERMS["plain_weight"] if items else 0)  # type: ignore[attr-defined]
+        assert codec.has_item_path is (items and bool(ITEM_TERMS.get("item_decoder")))  # image queries' own decoder
         data_weight = ITEM_TERMS.get("data_weight", 0.0) if items else 0.0
         np.testing.assert_allclose(codec.weights, query_weights(q, data=x[rows], data_weight=data_weight), atol=1e-6)
 
@@ -76,12 +77,17 @@ def test_fidelity_matches_an_offline_evaluation() -> None:
     fidelity = report["fidelity"]
     assert fidelity["held_out"] == 300 and fidelity["searched"] == len(x) and fidelity["queries"] == len(q)
     # Offline, by brute force in numpy: rank every item by cosine to its reconstruction.
-    decoded = trained.codec.decode(trained.codec.encode(x))
+    codes = trained.codec.encode(x)
+    decoded = trained.codec.decode(codes)
     decoded /= np.linalg.norm(decoded, axis=1, keepdims=True)
+    # Image queries are scored through the default's item path (its second decoder), as the database does.
+    assert trained.codec.has_item_path
+    for_images = trained.codec.item_vectors(codes)  # type: ignore[attr-defined]
+    for_images /= np.linalg.norm(for_images, axis=1, keepdims=True)
     rows = holdout_rows(len(x))
-    for probes, key in ((q, "text_to_image"), (x[rows], "image_to_image")):
+    for probes, key, vectors in ((q, "text_to_image", decoded), (x[rows], "image_to_image", for_images)):
         truth = np.argsort(-(probes @ x.T), axis=1)[:, :10]
-        found = np.argsort(-(probes @ decoded.T), axis=1)[:, :10]
+        found = np.argsort(-(probes @ vectors.T), axis=1)[:, :10]
         assert abs(recall_at_k(truth, found) - fidelity[key]) < 0.02
     assert abs(float((decoded[rows] * x[rows]).sum(1).mean()) - fidelity["mean_cosine"]) < 0.01
     assert 0.2 < fidelity["text_to_image"] <= 1 and json.dumps(report)  # JSON-ready
@@ -97,9 +103,9 @@ def test_fidelity_matches_an_offline_evaluation() -> None:
             ]
         )
     )
-    for probes, key in ((q, "text_to_image"), (x[rows], "image_to_image")):
+    for probes, key, vectors in ((q, "text_to_image", decoded), (x[rows], "image_to_image", for_images)):
         truth = np.argsort(-(probes @ x[half].T), axis=1)[:, :10]
-        found = np.argsort(-(probes @ decoded[half].T), axis=1)[:, :10]
+        found = np.argsort(-(probes @ vectors[half].T), axis=1)[:, :10]
         slope = fidelity[key.split("_")[0] + "_per_doubling"]
         assert abs((fidelity[key] - recall_at_k(truth, found)) - slope) < 0.03
     # A database of 4x the images measured: each agreement extended by two doublings, shown by stats.

@@ -173,6 +173,17 @@ class Codec(ABC):
         decoder than text queries, else None (then :meth:`cosine_index` serves both)."""
         return None
 
+    @property
+    def has_item_path(self) -> bool:
+        """Whether item queries are scored through a decoder of their own (:meth:`item_cosine_index`)."""
+        return False
+
+    def image_cosine_index(self, codes: np.ndarray) -> CosineIndex:
+        """The index image queries search ``codes`` ``(n, code_size)`` with: the item path where the
+        codec has one, else :meth:`cosine_index` (what text queries search)."""
+        items = self.item_cosine_index(codes) if self.has_item_path else None
+        return items if items is not None else self.cosine_index(codes)
+
     def check_codes(self, codes: np.ndarray) -> np.ndarray:
         """Return ``codes`` as a C-contiguous ``(n, code_size)`` uint8 array, checking its shape."""
         array = np.ascontiguousarray(codes, dtype=np.uint8)

@@ -42,15 +42,15 @@ LOW_DIMENSION_AXES = 32
 AUTO_RATES = (32, 48, 64, 96, 128, 192, 256)
 DEFAULT_FIDELITY = 0.95
 # From this rate on, the default's fine-tuning also keeps the items' own neighbours (item→item
-# search; docs/codecs.md §11f): pqvae's reconstruction loss measured back in the searched space,
-# at ``plain_weight``. Chosen on a validation split of the CuPL training classes as the largest
-# weight that kept mAP@100 clear of the goal; mixing in the data's spectrum too (``data_weight``)
-# bought more item→item recall but cost the mAP goal. Below this rate zero-shot is what falls
-# short, and the fine-tuning stays query-weighted only.
-# §11g: a rate split (``residual_bits``) and a second decoder for item queries (``item_decoder``,
-# which with ``data_weight`` 0.1 reaches 10-R@10 ~.50 through its own path) were measured; neither
-# is the default, the second because the database does not search item queries through it yet.
-ITEM_TERMS: dict[str, float] = {"plain_weight": 10.0}
+# search; docs/codecs.md §11f, §11g, §11j): pqvae's reconstruction loss measured back in the searched
+# space (``plain_weight``) trains a second decoder that image queries are scored through
+# (``item_decoder``: the item path, which the index scans and re-ranks with, semdb.index.fastscan),
+# while the first keeps the query-weighted loss for text queries; a little of the data's own spectrum
+# is mixed into the weights (``data_weight``). Chosen on a validation split of the CuPL training
+# classes: the weight that kept text→image mAP at the level of the single-decoder default while
+# lifting item→item recall most. Below this rate zero-shot is what falls short, and the fine-tuning
+# stays query-weighted only. A rate split (``residual_bits``) was measured and is not the default.
+ITEM_TERMS: dict[str, float] = {"plain_weight": 10.0, "item_decoder": 1, "data_weight": 0.1}
 ITEM_TERMS_FROM_BITS = 64
 
 # Text queries embedded to measure fidelity when the codec is not query-weighted: a sample of the

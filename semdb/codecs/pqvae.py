@@ -370,9 +370,17 @@ class PQVAECodec(Codec):
         scanned a byte at a time (:func:`~semdb.codecs.faiss_codecs.byte_aligned_pq`). None for the
         MLP decoder.
         """
-        decoder, config = self.model.decoder, self.model.config
-        if not isinstance(decoder, ShiftedLinear):
-            return None
+        decoder = self.model.decoder
+        return self._scanner_of(decoder) if isinstance(decoder, ShiftedLinear) else None
+
+    @cached_property
+    def item_scanner(self) -> faiss.Index | None:
+        """:attr:`scanner` for the second decoder (``item_decoder``: item queries), or None without one."""
+        item = self.model.item_decoder
+        return None if item is None else self._scanner_of(item)
+
+    def _scanner_of(self, decoder: ShiftedLinear) -> faiss.Index:
+        config = self.model.config
         weight = decoder.linear.weight.detach().numpy()  # W (d, m)
         shift = decoder.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)
         centroids = self.model.codebook.detach().numpy()[None] + shift  # (M, K, e)
@@ -380,6 +388,12 @@ class PQVAECodec(Codec):
             weight.T, byte_aligned_pq(centroids, config.codebook_bits, first_index_high=True)
         )
         return scanner
+
+    def item_search_index(self, codes: np.ndarray) -> faiss.Index | None:
+        """An inner-product index over ``codes`` ``(n, bits/8)`` scoring :meth:`item_vectors` (the
+        second decoder's output) from the codes themselves, or None without a second decoder."""
+        scanner = self.item_scanner
+        return None if scanner is None else index_holding(scanner, self.check_codes(codes))
 
     def scored_vectors(self, codes: np.ndarray) -> np.ndarray:
         """What :meth:`search_index` scores: with the linear decoder its output before normalisation

@@ -35,6 +35,7 @@ import faiss
 import numpy as np
 
 from semdb.codecs.base import (
+    DECODE_CHUNK,
     MAX_STATE_BYTES,
     Codec,
     CodecStateError,
@@ -207,24 +208,38 @@ class QueryWeightedCodec(Codec):
         vectors: np.ndarray | None = None if decode_items is None else decode_items(self.check_codes(codes))
         return vectors
 
+    @property
+    def has_item_path(self) -> bool:
+        """True where the base codec has a second decoder for item queries (``item_decoder``)."""
+        return getattr(self.base, "item_scanner", None) is not None
+
+    def item_search_index(self, codes: np.ndarray) -> faiss.Index | None:
+        """The base codec's index of its item path over ``codes`` (already in the searched space: no
+        ``W⁻¹``), or None without one."""
+        index: faiss.Index | None = getattr(self.base, "item_search_index", lambda _: None)(self.check_codes(codes))
+        return index
+
     def item_cosine_index(self, codes: np.ndarray) -> CosineIndex | None:
         """With a base codec that decodes items for item queries itself (``item_decoder``, already
-        in the searched space: no ``W⁻¹``), those vectors by cosine in a flat index; else None."""
-        decode_items = getattr(self.base, "item_vectors", None)
-        if decode_items is None:
+        in the searched space: no ``W⁻¹``), those vectors by cosine, scored from the codes
+        themselves (:meth:`item_search_index`); else None."""
+        if not self.has_item_path:
             return None
         c = self.check_codes(codes)
-        vectors = decode_items(c)
-        if vectors is None:
-            return None
 
-        def flat(rows: np.ndarray) -> faiss.Index:
-            index = faiss.IndexFlatIP(self.dim)
-            if len(rows):
-                index.add(np.ascontiguousarray(decode_items(rows), dtype=np.float32))
+        def decoded(rows: np.ndarray) -> np.ndarray:
+            vectors = self.item_vectors(rows)
+            assert vectors is not None
+            return vectors
+
+        norms = [inverse_norms(decoded(c[i : i + DECODE_CHUNK])) for i in range(0, len(c), DECODE_CHUNK)]
+
+        def scanned(rows: np.ndarray) -> faiss.Index:
+            index = self.item_search_index(rows)
+            assert index is not None
             return index
 
-        return CosineIndex.build(c, flat, inverse_norms(vectors))
+        return CosineIndex.build(c, scanned, np.concatenate(norms) if norms else np.empty(0, np.float32))
 
     def to_bytes(self) -> bytes:
         """:data:`MAGIC` + an ``.npz`` (no pickle) of ``W``, the base codec's name and its state."""

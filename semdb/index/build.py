@@ -39,7 +39,7 @@ from semdb.codecs.base import DECODE_CHUNK
 from semdb.cosine import CosineIndex, inverse_norms
 from semdb.errors import DatabaseDamagedError
 from semdb.index.cache import load_cache, save_cache
-from semdb.index.fastscan import MAX_IMAGE_ID, FastScan, four_bit_layout
+from semdb.index.fastscan import MAX_IMAGE_ID, FastScan, four_bit_layout, item_layout
 from semdb.index.lists import lists_from_bytes
 from semdb.index.search_index import CodedGroup, SearchIndex, cosine_arrays, flat_index, rows_of
 from semdb.store import CodecRow, Repository, Store
@@ -102,7 +102,7 @@ def fast_scan(
     if layout is None:
         return None
     use_lists = lists is not None and coarse is not None and len(ids) >= LISTS_MIN_ITEMS
-    return FastScan.build(
+    scan = FastScan.build(
         layout,
         ids,
         codes,
@@ -111,6 +111,14 @@ def fast_scan(
         coarse if use_lists else None,
         scaled=not codec.scores_unit_vectors,
     )
+    scan.item_layout = item_layout(codec)
+    return scan
+
+
+def _item_index(codec: Codec) -> Callable[[np.ndarray], CosineIndex | None] | None:
+    """What builds the exact scan of image queries from a group's codes (the codec's item path), or
+    None where image queries search what text queries do."""
+    return codec.item_cosine_index if codec.has_item_path else None
 
 
 def _digest(row: CodecRow) -> bytes:
@@ -212,7 +220,9 @@ def _group(
     """A group of ``codes`` ``(n, code_size)`` of image ``ids`` ``(n,)``: the exact scan built only
     when there is no fast scan (which holds what builds it later, :meth:`CodedGroup.exact_index`)."""
     cosine = None if fast is not None else CosineIndex.build(codec.check_codes(codes), codec.search_index, norms)
-    return CodedGroup(row.id, cosine, ids, fast, lists, _digest(row), codec.search_index)
+    return CodedGroup(
+        row.id, cosine, ids, fast, lists, _digest(row), codec.search_index, make_item_index=_item_index(codec)
+    )
 
 
 def _rows(lists: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
@@ -240,7 +250,16 @@ def _apply_changes(
         lists = add_lists.astype(np.int16) if len(add_lists) and (add_lists >= 0).all() else None
         fast = fast_scan(codec, add_ids, add_codes, add_norms, lists, coarse() if lists is not None else None)
         cosine = None if fast is not None else CosineIndex.build(add_codes, codec.search_index, add_norms)
-        return CodedGroup(group.codec_id, cosine, add_ids, fast, lists, group.codec_digest, codec.search_index)
+        return CodedGroup(
+            group.codec_id,
+            cosine,
+            add_ids,
+            fast,
+            lists,
+            group.codec_digest,
+            codec.search_index,
+            make_item_index=_item_index(codec),
+        )
     ids_before = group.ids
     gone = rows_of(ids_before, affected)
     keep = np.ones(len(ids_before), bool)
@@ -260,7 +279,16 @@ def _apply_changes(
         fast.add(add_ids, add_codes, add_norms, add_lists if lists_ok else None)
         # The exact scan, if one was built for an exact search, is dropped: rebuilt from the fast
         # scan when next asked for, rather than changed on every catch-up.
-        return CodedGroup(group.codec_id, None, None, fast, row_lists, group.codec_digest, codec.search_index)
+        return CodedGroup(
+            group.codec_id,
+            None,
+            None,
+            fast,
+            row_lists,
+            group.codec_digest,
+            codec.search_index,
+            make_item_index=_item_index(codec),
+        )
     lists = None
     before_lists = group.lists if lists_ok else None
     if before_lists is not None:
@@ -275,7 +303,14 @@ def _apply_changes(
     codes, norms = cosine_arrays(cosine)
     fast = fast_scan(codec, ids, codes, norms, lists, coarse() if lists is not None else None)
     return CodedGroup(
-        group.codec_id, None if fast is not None else cosine, ids, fast, lists, group.codec_digest, codec.search_index
+        group.codec_id,
+        None if fast is not None else cosine,
+        ids,
+        fast,
+        lists,
+        group.codec_digest,
+        codec.search_index,
+        make_item_index=_item_index(codec),
     )
 
 
@@ -356,6 +391,7 @@ def _with_fast_scans(repository: Repository, groups: list[CodedGroup], load_code
             group.row_lists = lists = None
         group.fast = fast_scan(codec, group.ids, codes, norms, lists, coarse)
         group.make_index = codec.search_index
+        group.make_item_index = _item_index(codec)
         if group.fast is None and group.index is None:  # saved with a fast scan that no longer applies
             # (norms None here may be ones that fast scan computed from the codes: computed again)
             group.index = CosineIndex.build(

@@ -121,25 +121,34 @@ class FourBitLayout:
         table; otherwise ``rᵀ G r`` with the ``(m, m)`` Gram matrix ``G = matrix · matrixᵀ``.
         """
         words = self.words
-        gram = None
-        if not (self.matrix is None or self.orthonormal):
-            gram = (self.matrix.astype(np.float64) @ self.matrix.T.astype(np.float64)).astype(np.float32)
         out = np.empty(len(codes), np.float32)
         offsets = np.arange(words) * WORDS
         for start in range(0, len(codes), chunk):
             part = self.words_of(self.faiss_order(codes[start : start + chunk])).astype(np.int64)  # (c, M)
-            if gram is None:
-                out[start : start + len(part)] = self.table_inverse_norms(part + offsets)
-                continue
-            r = self.centroids[np.arange(words), part].reshape(len(part), -1)  # (c, m)
-            norms = np.sqrt(np.maximum(np.einsum("ij,ij->i", r @ gram, r, dtype=np.float64), 0.0))
-            out[start : start + len(part)] = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
+            out[start : start + len(part)] = self.words_inverse_norms(part + offsets)
         return out
 
     @functools.cached_property
     def squares(self) -> np.ndarray:
         """``(M * 16,)`` float64 squared norms of the centroids, word ``m``'s ``w`` at ``16 m + w``."""
         return (self.centroids.astype(np.float64) ** 2).sum(axis=2).ravel()
+
+    @functools.cached_property
+    def gram(self) -> np.ndarray | None:
+        """``(m, m)`` float32 ``matrix · matrixᵀ``, or None where the map is orthonormal (or absent)."""
+        if self.matrix is None or self.orthonormal:
+            return None
+        return (self.matrix.astype(np.float64) @ self.matrix.T.astype(np.float64)).astype(np.float32)
+
+    def words_inverse_norms(self, flat: np.ndarray) -> np.ndarray:
+        """``1/‖matrixᵀ r‖`` float32 of codes given as ``(..., M)`` int64 indices ``16 m + word_m``, for any
+        layout: the table sum of :meth:`table_inverse_norms`, or ``rᵀ G r`` with the Gram matrix."""
+        gram = self.gram
+        if gram is None:
+            return self.table_inverse_norms(flat)
+        r = self.centroids.reshape(self.words * WORDS, -1)[flat].reshape(*flat.shape[:-1], -1)  # (..., m)
+        norms = np.sqrt(np.maximum(np.einsum("...i,...i->...", r @ gram, r, dtype=np.float64), 0.0))
+        return np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
 
     def table_inverse_norms(self, flat: np.ndarray) -> np.ndarray:
         """``1/‖x̂‖`` float32 of codes given as ``(..., M)`` int64 indices ``16 m + word_m`` (0 for a zero
@@ -210,6 +219,32 @@ def four_bit_layout(codec: Codec) -> FourBitLayout | None:
         centroids = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
         return FourBitLayout(product, centroids.astype(np.float32), False)
     return None
+
+
+def item_layout(codec: Codec) -> FourBitLayout | None:
+    """The layout image queries are scored through where ``codec`` has an item path of its own
+    (:attr:`Codec.has_item_path`: ``pqvae-pca``'s second decoder ``W₂ (ẑ + β₂)``, already in the
+    searched space), over the same words as :func:`four_bit_layout`'s; None otherwise.
+
+    Its centroids differ from the scanned ones only by the shifts, so FAISS's scan of the words with
+    this layout's query map scores ``<q, W₂ (ẑ + β₂)>`` up to a constant per query."""
+    from semdb.codecs.query_weighted import QueryWeightedCodec
+
+    pqvae = sys.modules.get("semdb.codecs.pqvae")
+    if pqvae is None or not isinstance(codec, QueryWeightedCodec) or not codec.has_item_path:
+        return None
+    base = codec.base
+    if not isinstance(base, pqvae.PQVAECodec) or four_bit_layout(codec) is None:
+        return None
+    config, item = base.model.config, base.model.item_decoder
+    if not isinstance(item, pqvae.ShiftedLinear):
+        return None
+    weight = item.linear.weight.detach().numpy()  # (d, m)
+    shift = item.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)
+    centroids = base.model.codebook.detach().numpy()[None] + shift  # (M, 16, e)
+    return FourBitLayout(
+        np.ascontiguousarray(weight.T, dtype=np.float32), np.ascontiguousarray(centroids, np.float32), True
+    )
 
 
 # --- fast-scan's blocked layout ---------------------------------------------------------------------
@@ -373,6 +408,9 @@ class FastScan:
         # Scores are scaled by 1/‖x̂‖ but none are held: computed from the candidates' words at the
         # re-rank (orthonormal layouts, where that is a table sum): 4 bytes per item fewer.
         self.norms_from_words = False
+        # The layout image queries are scored through (item_layout), or None: the same as text queries.
+        # Its norms are computed from the candidates' words at the re-rank: none held.
+        self.item_layout: FourBitLayout | None = None
 
     @property
     def has_lists(self) -> bool:
@@ -713,13 +751,16 @@ class FastScan:
         *,
         rerank: int | None = None,
         nprobe: int = DEFAULT_NPROBE,
+        image_queries: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``queries`` ``(q, d)`` float32 → ``(scores, ids)`` ``(q, k')``, best first, ``-1`` padded.
 
         ``allowed``: sorted int64 image ids the scan is restricted to (None: all); ``rerank``: fast-scan
         candidates re-scored exactly (None: :func:`default_rerank`); ``nprobe``: lists probed (all when
-        there is one list).
+        there is one list); ``image_queries``: the queries are image embeddings, scored through
+        :attr:`item_layout` where there is one (scanned and re-ranked by it).
         """
+        items = self.item_layout if image_queries else None
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         count = self.ntotal if allowed is None else int(self.contains(allowed).sum())
         k = min(k, count)
@@ -733,11 +774,14 @@ class FastScan:
             centroid_scores = np.zeros((q, 1), np.float32)
         else:
             centroid_scores, assign = self.probe.search(queries, probes)
-        y = self.layout.transform(queries)
+        y = (items or self.layout).transform(queries)
         copies, lists = y, assign
         if self.band_scales is not None:
-            # One copy of each query per band, scaled to score ≈ the cosine there, probing that band's lists.
-            copies = (y[:, None, :] * self.band_scales[None, :, None]).reshape(q * self.bands, -1)
+            # One copy of each query per band, scaled to score ≈ the cosine there, probing that band's
+            # lists. The bands are those of the text path's norms: image queries scan them unscaled
+            # (their scores differ from the item path's by one constant per query, the same in every band).
+            scales = self.band_scales if items is None else np.ones_like(self.band_scales)
+            copies = (y[:, None, :] * scales[None, :, None]).reshape(q * self.bands, -1)
             lists = (assign[:, None, :] * self.bands + np.arange(self.bands)[None, :, None]).reshape(q * self.bands, -1)
             centroid_scores = np.repeat(centroid_scores, self.bands, axis=0)
         lists = np.ascontiguousarray(lists, dtype=np.int64)
@@ -769,7 +813,7 @@ class FastScan:
             scores, found = scores.reshape(q, -1), found.reshape(q, -1)
             best = np.argsort(-np.where(found >= 0, scores, -np.inf), axis=1, kind="stable")[:, :depth]
             found = np.take_along_axis(found, best, axis=1)
-        return self._rerank(y, found, k)
+        return self._rerank(y, found, k, items)
 
     def _candidate_words(self, labels: np.ndarray) -> np.ndarray:
         """``(r, M)`` int64 indices ``16 m + word_m`` (rows of a ``(M * 16)`` table) of the codes of the
@@ -796,12 +840,15 @@ class FastScan:
         """``(M,)`` int64 ``16 m``: where word ``m``'s 16 entries start in a flattened ``(M, 16)`` table."""
         return np.arange(self.layout.words, dtype=np.int64) * WORDS
 
-    def _rerank(self, y: np.ndarray, found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Exact cosines of the candidates ``found`` ``(q, R)`` (labels, -1 none) → the best ``k`` per query."""
+    def _rerank(
+        self, y: np.ndarray, found: np.ndarray, k: int, items: FourBitLayout | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact cosines of the candidates ``found`` ``(q, R)`` (labels, -1 none) → the best ``k`` per
+        query; ``items``: the item layout ``y`` is in (image queries), else the scanned one."""
         q, depth = found.shape
         valid = found >= 0
         labels = np.where(valid, found, found[valid][0] if valid.any() else 0).ravel()
-        layout = self.layout
+        layout = items or self.layout
         if valid.any():
             flat = self._candidate_words(labels).reshape(q, depth, layout.words)
         else:
@@ -810,7 +857,9 @@ class FastScan:
         tables = np.einsum("qmd,mwd->qmw", y.reshape(q, layout.words, -1), layout.centroids).reshape(q, -1)
         exact = tables[np.arange(q)[:, None, None], flat].sum(axis=2)
         ids = (labels >> ID_SHIFT).reshape(q, depth)
-        if self.norms_from_words:
+        if items is not None:
+            exact = exact * items.words_inverse_norms(flat)
+        elif self.norms_from_words:
             exact = exact * layout.table_inverse_norms(flat)
         elif self.inverse_norms is not None:
             exact = exact * self.inverse_norms[ids]

@@ -45,6 +45,12 @@ class CodedGroup:
     stored_arrays: tuple[np.ndarray, np.ndarray | None] | None = None
     # The ids by row while an exact scan built from the fast scan is held (its hits are rows).
     exact_ids: np.ndarray | None = None
+    # What builds the exact scan of image queries from the codes by row, where the codec scores them
+    # through an item path of its own (Codec.item_cosine_index); None: they search ``index``.
+    make_item_index: Callable[[np.ndarray], CosineIndex | None] | None = None
+    # That scan, built on the first exact image search (rows: :attr:`ids` then), and the ids by row.
+    item_index: CosineIndex | None = None
+    item_ids: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.index is None and self.stored_arrays is None and (self.fast is None or self.make_index is None):
@@ -104,6 +110,20 @@ class CodedGroup:
             self.exact_ids = ids if self.row_ids is None else None
         return self.index
 
+    def image_exact_index(self) -> tuple[CosineIndex, np.ndarray]:
+        """``(exact scan, image id of each of its rows (n,))`` for image queries: the item path's, built
+        (and kept) on first use where the codec has one, else :meth:`exact_index`."""
+        if self.make_item_index is not None:
+            if self.item_index is None:
+                ids, codes, _, _ = self.rows()
+                built = self.make_item_index(codes)
+                if built is not None:
+                    self.item_index, self.item_ids = built, ids
+            if self.item_index is not None and self.item_ids is not None:
+                return self.item_index, self.item_ids
+        index = self.exact_index()
+        return index, self.ids
+
     def rows(
         self, held_norms_only: bool = False
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -134,6 +154,7 @@ class CodedGroup:
         if self.fast is not None and self.make_index is not None:
             self.index = None
             self.exact_ids = None
+        self.item_index = self.item_ids = None
 
 
 def cosine_arrays(cosine: CosineIndex) -> tuple[np.ndarray, np.ndarray | None]:
@@ -207,6 +228,7 @@ class SearchIndex:
         exact: bool = False,
         rerank: int | None = None,
         nprobe: int = DEFAULT_NPROBE,
+        image_queries: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``queries``: ``(q, d)`` float32 → ``(scores, ids)``, both ``(q, k')`` with ``k' = min(k, size)``.
 
@@ -215,6 +237,9 @@ class SearchIndex:
         ``allowed``: sorted int64 image ids the scan is restricted to (None: all). ``exact``: the
         proven-exact cosine scan (:class:`~semdb.cosine.CosineIndex`) even where a fast scan exists;
         ``rerank`` and ``nprobe`` tune the fast scan (:mod:`semdb.index.fastscan`).
+        ``image_queries``: the queries are image embeddings (search by image): a codec with an item
+        path of its own (:attr:`~semdb.codecs.base.Codec.has_item_path`) scores them through it, to
+        its item reconstructions.
         """
         allowed = check_allowed(allowed)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -233,12 +258,16 @@ class SearchIndex:
                 fast, wanted = held > EXACT_ALLOWED_MAX, min(k, held)
             found = None
             if fast and group.fast is not None:
-                scores, found = group.fast.search(queries, k, allowed, rerank=rerank, nprobe=nprobe)
+                scores, found = group.fast.search(
+                    queries, k, allowed, rerank=rerank, nprobe=nprobe, image_queries=image_queries
+                )
                 if ((found >= 0).sum(axis=1) < wanted).any():
                     found = None  # the probed lists held too few allowed images: scan exactly instead
             if found is None:
-                exact_index = group.exact_index()
-                ids = group.ids
+                if image_queries:
+                    exact_index, ids = group.image_exact_index()
+                else:
+                    exact_index, ids = group.exact_index(), group.ids
                 rows = rows_of(ids, allowed) if allowed is not None else None
                 scores, hit = exact_index.search(queries, k, rows)
                 found = np.where(hit >= 0, ids[np.maximum(hit, 0)], -1)
