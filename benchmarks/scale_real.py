@@ -131,8 +131,7 @@ def searches(
         truths = (exact_ids, float_truth)
         rows.append(measured("exact", exact_ids, walls, cpus, truths, float("nan"), exact_build))
         t = time.perf_counter()
-        flat = FastScan.build(layout, ids, codes, norms)
-        flat.item_layout = item_layout(codec)  # as semdb.index.build.fast_scan sets it
+        flat = FastScan.build(layout, ids, codes, norms, items=item_layout(codec))  # as semdb.index.build does
         flat_build = time.perf_counter() - t
         for rerank in map(int, args.reranks.split(",")):
             got, walls, cpus = timed(
@@ -140,8 +139,7 @@ def searches(
             )
             rows.append(measured(f"fast R={rerank}", got, walls, cpus, truths, flat.nbytes() / n, flat_build))
         t = time.perf_counter()
-        ivf = FastScan.build(layout, ids, codes, norms, item_lists, coarse)
-        ivf.item_layout = item_layout(codec)
+        ivf = FastScan.build(layout, ids, codes, norms, item_lists, coarse, items=item_layout(codec))
         ivf_build = time.perf_counter() - t
         for nprobe in map(int, args.nprobes.split(",")):
             got, walls, cpus = timed(

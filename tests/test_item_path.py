@@ -87,9 +87,9 @@ def test_the_fast_scan_scores_image_queries_through_the_item_path(trained, with_
 
         layout = four_bit_layout(codec)
         assert layout is not None
-        scan = FastScan.build(layout, ids, codes, None, lists, coarse, scaled=True)
-        scan.item_layout = item_layout(codec)
+        scan = FastScan.build(layout, ids, codes, None, lists, coarse, scaled=True, items=item_layout(codec))
     assert scan.item_layout is not None and scan.bands > 1  # a weighted layout: norm bands
+    assert scan.item_band_scales is not None and scan.item_band_scales.shape == (scan.bands,)
     queries = clustered(12, 3)
     want_ids, want_scores = item_brute_force(codec, codes, ids, queries, 10)
     # Every list probed and every candidate re-ranked: the item path's exact answer and cosines.
@@ -147,3 +147,29 @@ def clustered64(n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, 64))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_the_item_decoder_refit_is_the_least_squares_map_of_its_codes() -> None:
+    import torch
+
+    x = clustered(N, 5)
+    sample = text_like(60, 6)
+    settings = {"queries": sample, "steps": 30, "plain_weight": 10.0, "item_decoder": 1, "seed": 0}
+    trained = train_codec("pqvae-pca", x, 64, **settings)  # type: ignore[arg-type]
+    refitted = train_codec("pqvae-pca", x, 64, item_refit=1, **settings)  # type: ignore[arg-type]
+    codes = trained.encode(x)
+    np.testing.assert_array_equal(refitted.encode(x), codes)  # the same training: only the map differs
+
+    def squared_error(codec: Codec) -> float:
+        vectors = codec.item_vectors(codes)  # type: ignore[attr-defined]
+        return float(((vectors - x) ** 2).sum())
+
+    assert squared_error(refitted) < squared_error(trained)
+    # The normal equations hold: the residual is orthogonal to the latents (up to the tiny ridge).
+    model = refitted.base.model  # type: ignore[attr-defined]
+    with torch.no_grad():
+        weighted = np.ascontiguousarray(x @ refitted.weights, dtype=np.float32)  # type: ignore[attr-defined]
+        latents = model.codebook[model.nearest(model.latent(torch.from_numpy(weighted)))]
+    a = latents.reshape(len(x), -1).numpy() + model.item_decoder.shift.detach().numpy()
+    residual = refitted.item_vectors(codes) - x  # type: ignore[attr-defined]
+    assert np.abs(a.T @ residual).max() < 1e-2 * np.abs(a.T @ x).max()

@@ -118,6 +118,10 @@ class PQVAEConfig:
     # searched space while the first decoder keeps the weighted loss alone (principal encoder only;
     # encoder and codebook learn from both). docs/codecs.md §11g.
     item_decoder: int = 0
+    # 1: after training, the second decoder's map is refitted by least squares (ridge 1e-3 of the
+    # mean diagonal) from the training items' quantised latents (plus its shift) onto their
+    # normalised embeddings in the searched space: the best linear decoder for those codes.
+    item_refit: int = 0
 
     @property
     def subvectors(self) -> int:
@@ -716,6 +720,28 @@ def _fit(model: PQVAE, x: torch.Tensor, generator: torch.Generator, plain: torch
             _restart_dead_codes(model, usage, z.detach(), generator)
             usage.zero_()
     model.eval()
+    if item is not None and config.item_refit:
+        _refit_item_decoder(model, x, plain)
+
+
+@torch.no_grad()
+def _refit_item_decoder(model: PQVAE, x: torch.Tensor, plain: torch.Tensor | None) -> None:
+    """Set the second decoder's weight ``W₂`` to the ridge least-squares map of the training items'
+    quantised latents ``ẑ + β₂`` ``(n, m)`` onto their unit embeddings in the searched space ``(n, d)``."""
+    item = model.item_decoder
+    assert item is not None
+    m = item.linear.weight.shape[1]
+    gram = torch.zeros((m, m), dtype=torch.float64)
+    cross = torch.zeros((m, x.shape[1]), dtype=torch.float64)
+    for batch in x.split(8192):
+        codes = model.codebook[model.nearest(model.latent(batch))].reshape(len(batch), -1)
+        a = (codes + item.shift).double()
+        target = F.normalize(batch if plain is None else batch @ plain, dim=-1).double()
+        gram += a.T @ a
+        cross += a.T @ target
+    ridge = 1e-3 * float(torch.diagonal(gram).mean()) if m else 0.0
+    solved = torch.linalg.solve(gram + ridge * torch.eye(m, dtype=torch.float64), cross)  # (m, d)
+    item.linear.weight.copy_(solved.T.to(item.linear.weight.dtype))
 
 
 def _restart_dead_codes(model: PQVAE, usage: torch.Tensor, z: torch.Tensor, generator: torch.Generator) -> None:

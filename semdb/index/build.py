@@ -102,7 +102,7 @@ def fast_scan(
     if layout is None:
         return None
     use_lists = lists is not None and coarse is not None and len(ids) >= LISTS_MIN_ITEMS
-    scan = FastScan.build(
+    return FastScan.build(
         layout,
         ids,
         codes,
@@ -110,9 +110,8 @@ def fast_scan(
         lists if use_lists else None,
         coarse if use_lists else None,
         scaled=not codec.scores_unit_vectors,
+        items=item_layout(codec),
     )
-    scan.item_layout = item_layout(codec)
-    return scan
 
 
 def _item_index(codec: Codec) -> Callable[[np.ndarray], CosineIndex | None] | None:

@@ -55,6 +55,11 @@ DEFAULT_NPROBE = 32
 DEEP_RERANK_ITEMS = 4_000_000
 
 
+# Image queries scored through an item layout re-rank this many times the default depth: the norm
+# bands are the text path's, so the item path's scan orders its candidates less well (docs/codecs.md §11j).
+ITEM_RERANK_FACTOR = 2
+
+
 def default_rerank(items: int) -> int:
     """The re-rank depth a search of ``items`` codes uses unless told (docs/benchmarks.md, "10 M")."""
     return DEFAULT_RERANK if items < DEEP_RERANK_ITEMS else 2 * DEFAULT_RERANK
@@ -411,6 +416,8 @@ class FastScan:
         # The layout image queries are scored through (item_layout), or None: the same as text queries.
         # Its norms are computed from the candidates' words at the re-rank: none held.
         self.item_layout: FourBitLayout | None = None
+        # (bands,) float32: what an image query's copy for each norm band is scaled by (None: 1).
+        self.item_band_scales: np.ndarray | None = None
 
     @property
     def has_lists(self) -> bool:
@@ -501,19 +508,31 @@ class FastScan:
         coarse: np.ndarray | None = None,
         *,
         scaled: bool | None = None,
+        items: FourBitLayout | None = None,
     ) -> FastScan:
         """The fast scan of ``codes`` ``(n, M/2)`` uint8 (the codec's own order) of image ``ids``
         ``(n,)``; ``lists`` ``(n,)`` their inverted lists under ``coarse`` (both None: one list).
 
         ``scaled``: whether scores are divided by ``‖x̂‖`` (default: ``inverse_norms`` is given); an
         orthonormal layout then holds no norms (:attr:`norms_from_words`), another computes them
-        from the codes when ``inverse_norms`` is None."""
+        from the codes when ``inverse_norms`` is None. ``items``: the codec's item layout
+        (:func:`item_layout`; :attr:`item_layout`), whose scans are scaled per norm band too."""
         scaled = inverse_norms is not None if scaled is None else scaled
         from_words = scaled and layout.orthonormal
         if scaled and not from_words and inverse_norms is None:
             inverse_norms = layout.inverse_norms(codes)
         scan = cls(layout, coarse if lists is not None else None, norm_bands(layout, inverse_norms))
         scan.norms_from_words = from_words
+        scan.item_layout = items
+        if items is not None and scan.band_edges is not None and inverse_norms is not None and len(codes):
+            # The bands are the text path's; an image query's copy for a band is scaled by 1 / the
+            # median of the item path's norms there (fixed at the build, as the bands are).
+            band = np.searchsorted(scan.band_edges, _norms_of(inverse_norms))
+            item_norms = _norms_of(items.inverse_norms(codes))
+            medians = np.array(
+                [np.median(item_norms[band == b]) if (band == b).any() else 1.0 for b in range(scan.bands)]
+            )
+            scan.item_band_scales = (1.0 / np.maximum(medians, 1e-12)).astype(np.float32)
         scan.add(ids, codes, None if from_words else inverse_norms, lists)
         return scan
 
@@ -767,7 +786,8 @@ class FastScan:
         q = len(queries)
         if k <= 0:
             return np.zeros((q, 0), np.float32), np.zeros((q, 0), np.int64)
-        depth = min(max(default_rerank(self.ntotal) if rerank is None else rerank, k), count)
+        default_depth = default_rerank(self.ntotal) * (ITEM_RERANK_FACTOR if items is not None else 1)
+        depth = min(max(default_depth if rerank is None else rerank, k), count)
         probes = min(nprobe, self.lists)
         if self.probe is None:
             assign = np.zeros((q, 1), np.int64)
@@ -776,11 +796,15 @@ class FastScan:
             centroid_scores, assign = self.probe.search(queries, probes)
         y = (items or self.layout).transform(queries)
         copies, lists = y, assign
+        scales: np.ndarray | None = None
         if self.band_scales is not None:
             # One copy of each query per band, scaled to score ≈ the cosine there, probing that band's
-            # lists. The bands are those of the text path's norms: image queries scan them unscaled
-            # (their scores differ from the item path's by one constant per query, the same in every band).
-            scales = self.band_scales if items is None else np.ones_like(self.band_scales)
+            # lists. The bands are those of the text path's norms; an image query's copies are scaled
+            # by the item path's norms there (its scores differ from the item path's inner products
+            # by one constant per query).
+            scales = self.band_scales if items is None else self.item_band_scales
+            if scales is None:
+                scales = np.ones_like(self.band_scales)
             copies = (y[:, None, :] * scales[None, :, None]).reshape(q * self.bands, -1)
             lists = (assign[:, None, :] * self.bands + np.arange(self.bands)[None, :, None]).reshape(q * self.bands, -1)
             centroid_scores = np.repeat(centroid_scores, self.bands, axis=0)
@@ -809,6 +833,12 @@ class FastScan:
         )
         del params, selector  # the parameters point at the selector: both held until here
         if self.bands > 1:
+            if items is not None and scales is not None:
+                # FAISS scored the words with the scanned layout's centroids, which differ from the
+                # item layout's by one shift per word: a constant per query, scaled differently in
+                # each band's copy; taken off so that the bands' candidates compare.
+                shift = y @ (self.layout.centroids[:, 0, :] - items.centroids[:, 0, :]).ravel()  # (q,)
+                scores = scores - (shift[:, None] * scales[None, :]).reshape(-1, 1)
             # The best `depth` of every band's candidates, by their approximate cosines.
             scores, found = scores.reshape(q, -1), found.reshape(q, -1)
             best = np.argsort(-np.where(found >= 0, scores, -np.inf), axis=1, kind="stable")[:, :depth]
