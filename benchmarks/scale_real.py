@@ -10,7 +10,8 @@ One thread, one query at a time, side by side over the same codes:
 
 * ``exact``         — :class:`semdb.cosine.CosineIndex`, the truth of ``recall (exact)``;
 * ``fast R=..``     — the fast scan over one list (what semdb uses below ``LISTS_MIN_ITEMS``), R re-ranked;
-* ``ivf L/p R=128`` — inverted lists, p probed (what semdb uses above it; forced here to measure them).
+* ``ivf L/p R=..`` — inverted lists, p probed, the default re-rank depth (what semdb uses above it;
+  forced here to measure them).
 
 ``recall (float)`` is against the float brute force. Codecs: ``--codecs`` (``default`` is what
 ``semdb ingest`` trains: :func:`semdb.codecs.choice.train_for_database` with the generic query sample).
@@ -41,7 +42,14 @@ from scale import COLUMNS, K, exact_baseline, measured, timed
 from semdb.codecs import Codec, train_codec
 from semdb.codecs.choice import train_for_database
 from semdb.cosine import CosineIndex
-from semdb.index.fastscan import FastScan, FourBitLayout, four_bit_layout, item_layout
+from semdb.index.fastscan import (
+    ITEM_RERANK_FACTOR,
+    FastScan,
+    FourBitLayout,
+    default_rerank,
+    four_bit_layout,
+    item_layout,
+)
 from semdb.index.lists import assign_lists, list_count, train_lists
 from semdb.index.search_index import cosine_arrays
 
@@ -145,7 +153,8 @@ def searches(
             got, walls, cpus = timed(
                 lambda q, p=nprobe: ivf.search(q, K, nprobe=p, image_queries=image_queries)[1], queries
             )
-            label = f"ivf {len(coarse)}/{nprobe} R=128"
+            depth = default_rerank(n) * (ITEM_RERANK_FACTOR if image_queries and ivf.item_layout is not None else 1)
+            label = f"ivf {len(coarse)}/{nprobe} R={depth}"
             rows.append(measured(label, got, walls, cpus, truths, ivf.nbytes() / n, ivf_build))
     return rows
 

@@ -82,7 +82,15 @@ def test_a_residual_for_item_queries_leaves_text_queries_to_the_primary() -> Non
     assert index is not None
     _, found = index.search(x[:3], 3)
     assert (found == np.argsort(-(x[:3] @ unit(items).T), axis=1)[:, :3]).mean() > 0.9
-    with pytest.raises(InvalidArgumentError):  # an item residual needs an item decoder
+    with pytest.raises(InvalidArgumentError):  # an item residual needs an item decoder (the default has one)
         train_for_database(
-            x, codec=None, bits=64, fidelity=None, queries=lambda _: q, steps=5, residual_bits=8, item_residual=1
+            x,
+            codec=None,
+            bits=64,
+            fidelity=None,
+            queries=lambda _: q,
+            steps=5,
+            residual_bits=8,
+            item_residual=1,
+            item_decoder=0,
         )
