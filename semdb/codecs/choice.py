@@ -46,12 +46,12 @@ DEFAULT_FIDELITY = 0.95
 # space (``plain_weight``) trains a second decoder that image queries are scored through
 # (``item_decoder``: the item path, which the index scans and re-ranks with, semdb.index.fastscan),
 # while the first keeps the query-weighted loss for text queries; a little of the data's own spectrum
-# is mixed into the weights (``data_weight``), and after training the second decoder is refitted by
-# least squares onto the items (``item_refit``). Chosen on a validation split of the CuPL training
+# is mixed into the weights (``data_weight``). Chosen on a validation split of the CuPL training
 # classes: the weight that kept text→image mAP at the level of the single-decoder default while
 # lifting item→item recall most. Below this rate zero-shot is what falls short, and the fine-tuning
-# stays query-weighted only. A rate split (``residual_bits``) was measured and is not the default.
-ITEM_TERMS: dict[str, float] = {"plain_weight": 10.0, "item_decoder": 1, "data_weight": 0.1, "item_refit": 1}
+# stays query-weighted only. A rate split (``residual_bits``) and a least-squares refit of the second
+# decoder (``item_refit``) were measured and are not the default.
+ITEM_TERMS: dict[str, float] = {"plain_weight": 10.0, "item_decoder": 1, "data_weight": 0.1}
 ITEM_TERMS_FROM_BITS = 64
 
 # Text queries embedded to measure fidelity when the codec is not query-weighted: a sample of the
