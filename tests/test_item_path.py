@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_scale_search import DIM, N, clustered
 
 from semdb.codecs import Codec, train_codec
 from semdb.cosine import inverse_norms
@@ -12,17 +13,6 @@ from semdb.evaluation import recall_at_k
 from semdb.index import build
 from semdb.index.fastscan import four_bit_layout, item_layout
 from semdb.index.lists import assign_lists, train_lists
-
-DIM = 32
-N = 3000
-
-
-def clustered(n: int, seed: int) -> np.ndarray:
-    """``(n, DIM)`` unit vectors around 20 centres."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((20, DIM))
-    x = centres[rng.integers(0, 20, n)] + 0.6 * rng.standard_normal((n, DIM))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def text_like(n: int, seed: int) -> np.ndarray:
