@@ -399,18 +399,25 @@ def test_blocked_layout_is_faiss_own_and_reads_back(words: int, n: int) -> None:
     np.testing.assert_array_equal(unpack_list(theirs, n, words // 2), codes)
 
 
-def test_the_fast_scan_holds_each_code_once_and_gives_the_rows_back(data: tuple[np.ndarray, np.ndarray]) -> None:
+def coded_in_lists(codec: Codec, x: np.ndarray, lists: int):  # type: ignore[no-untyped-def]
+    """``(codes, 1/‖x̂‖, inverted list of each row, the lists' centroids, the 4-bit layout)`` of ``x``."""
     from semdb.index.lists import assign_lists, train_lists
+
+    codes = codec.encode(x)
+    norms = cosine_arrays(codec.cosine_index(codes))[1]
+    centroids = train_lists(x, lists=lists)
+    assigned = assign_lists(centroids, x)
+    layout = four_bit_layout(codec)
+    assert layout is not None and norms is not None and assigned is not None
+    return codes, norms, assigned, centroids, layout
+
+
+def test_the_fast_scan_holds_each_code_once_and_gives_the_rows_back(data: tuple[np.ndarray, np.ndarray]) -> None:
 
     x, queries = data
     codec = weighted_codec(x, queries)  # norm bands: 1/‖x̂‖ held by id, lists × bands FAISS lists
-    codes = codec.encode(x)
-    norms = cosine_arrays(codec.cosine_index(codes))[1]
+    codes, norms, lists, centroids, layout = coded_in_lists(codec, x, 16)
     ids = np.arange(N, dtype=np.int64) * 5 + 2
-    centroids = train_lists(x, lists=16)
-    lists = assign_lists(centroids, x)
-    layout = four_bit_layout(codec)
-    assert layout is not None and norms is not None and lists is not None
     scan = FastScan.build(layout, ids[::2], codes[::2], norms[::2], lists[::2], centroids)
     scan.add(ids[1::2], codes[1::2], norms[1::2], lists[1::2])  # interleaved ids: lists merged in order
     scan.remove(ids[::3])
@@ -434,19 +441,13 @@ def test_places_in_the_labels_stay_right_through_rounds_of_adds_and_removals(
     """Appends to list ends and removals (holes filled from list ends, offsets renumbered), interleaved:
     every code is still read from where its label says, and a full re-rank equals brute force."""
     from semdb.index import fastscan
-    from semdb.index.lists import assign_lists, train_lists
 
     monkeypatch.setattr(fastscan, "REMOVAL_BATCH", removal_batch)  # labels read a few lists at a time, or all
 
     x, queries = data
     codec = CODECS["pcapq"](x)
-    codes = codec.encode(x)
-    norms = cosine_arrays(codec.cosine_index(codes))[1]
+    codes, norms, lists, centroids, layout = coded_in_lists(codec, x, 4)
     ids = np.arange(N, dtype=np.int64) * 3 + 1
-    centroids = train_lists(x, lists=4)
-    lists = assign_lists(centroids, x)
-    layout = four_bit_layout(codec)
-    assert layout is not None and norms is not None and lists is not None
     rng = np.random.default_rng(5)
     held = np.zeros(N, bool)
     held[:600] = True
