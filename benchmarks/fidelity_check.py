@@ -53,7 +53,7 @@ def offline(codec: Codec, items: np.ndarray, queries: np.ndarray, seed: int = 0)
     """The fidelity figures of ``codec`` over the whole of ``items`` ``(n, d)``."""
     codes = codec.encode(items)
     coded = codec.cosine_index(codes)
-    coded_for_images = codec.image_cosine_index(codes)  # the item path where the codec has one
+    coded_for_images = codec.image_cosine_index(codes, coded)  # the item path where the codec has one
     exact = faiss.IndexFlatIP(items.shape[1])
     exact.add(items)
     probes = items[np.random.default_rng(seed).choice(len(items), min(RECALL_QUERIES, len(items)), replace=False)]

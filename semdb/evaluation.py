@@ -139,7 +139,7 @@ def evaluate_codecs(
             codes = codec.encode(test)
             index = codec.cosine_index(codes)
             # Item queries go through the codec's item path where it has one, as the database's do.
-            items = codec.image_cosine_index(codes) if codec.has_item_path else index
+            items = codec.image_cosine_index(codes, index)
             _, found = items.search(recall_queries, k)
             add(
                 name,

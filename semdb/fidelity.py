@@ -81,7 +81,7 @@ def measure(codec: Codec, embeddings: np.ndarray, held_out: np.ndarray, queries:
         k = min(RECALL_K, len(searched))
         coded = codec.cosine_index(codes[searched])
         # Image queries search the codec's item path where it has one, as the database's do.
-        coded_for_images = codec.image_cosine_index(codes[searched]) if codec.has_item_path else coded
+        coded_for_images = codec.image_cosine_index(codes[searched], coded)
         exact = faiss.IndexFlatIP(x.shape[1])  # the floats are unit vectors: inner product is cosine
         exact.add(x[searched])
 

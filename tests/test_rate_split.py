@@ -94,3 +94,18 @@ def test_a_residual_for_item_queries_leaves_text_queries_to_the_primary() -> Non
             item_residual=1,
             item_decoder=0,
         )
+
+
+def test_image_queries_of_an_item_residual_search_its_item_path() -> None:
+    x, q = broad()
+    hyper = {"steps": 20, "residual_bits": 8, "item_residual": 1, "item_decoder": 1}
+    codec = train_for_database(x, codec=None, bits=64, fidelity=None, queries=lambda _: q, **hyper).codec
+    codes = codec.encode(x[:300])
+    assert codec.has_item_path
+    text = codec.cosine_index(codes)
+    items = codec.item_cosine_index(codes)
+    assert items is not None
+    # What evaluation, fidelity and the database search image queries with: the item path, not the text one.
+    chosen = codec.image_cosine_index(codes, text)
+    np.testing.assert_array_equal(chosen.search(x[:20], 10)[1], items.search(x[:20], 10)[1])
+    assert (chosen.search(x[:20], 10)[1] != text.search(x[:20], 10)[1]).any()

@@ -178,11 +178,14 @@ class Codec(ABC):
         """Whether item queries are scored through a decoder of their own (:meth:`item_cosine_index`)."""
         return False
 
-    def image_cosine_index(self, codes: np.ndarray) -> CosineIndex:
-        """The index image queries search ``codes`` ``(n, code_size)`` with: the item path where the
-        codec has one, else :meth:`cosine_index` (what text queries search)."""
-        items = self.item_cosine_index(codes) if self.has_item_path else None
-        return items if items is not None else self.cosine_index(codes)
+    def image_cosine_index(self, codes: np.ndarray, text_index: CosineIndex | None = None) -> CosineIndex:
+        """The index image queries search ``codes`` ``(n, code_size)`` with: :meth:`item_cosine_index`
+        where the codec has one, else what text queries search (``text_index`` when the caller holds
+        it already, else :meth:`cosine_index`)."""
+        items = self.item_cosine_index(codes)
+        if items is not None:
+            return items
+        return text_index if text_index is not None else self.cosine_index(codes)
 
     def check_codes(self, codes: np.ndarray) -> np.ndarray:
         """Return ``codes`` as a C-contiguous ``(n, code_size)`` uint8 array, checking its shape."""

@@ -187,6 +187,11 @@ class RateSplitCodec(Codec):
             return self.primary.cosine_index(self.check_codes(codes)[:, : self.primary.code_size])
         return super().cosine_index(codes)
 
+    @property
+    def has_item_path(self) -> bool:
+        """``items_only``: item queries score the residual too (:meth:`item_cosine_index`)."""
+        return self.items_only
+
     def item_cosine_index(self, codes: np.ndarray) -> CosineIndex | None:
         """``items_only``: :meth:`item_vectors` by cosine in a flat index, else None."""
         if not self.items_only:
