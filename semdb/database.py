@@ -641,8 +641,7 @@ class Database:
             raise DatabaseDamagedError(f"{self.location} is damaged: image {image_id}'s code has the wrong length")
         # The item path's reconstruction where the codec has one: it is fitted to the item itself,
         # where the text path's is fitted to what text queries see of it.
-        items = getattr(codec, "item_vectors", None) if codec.has_item_path else None
-        decoded = items(code) if items is not None else None
+        decoded = codec.item_vectors(code) if codec.has_item_path else None
         return np.asarray((decoded if decoded is not None else codec.decode(code))[0], dtype=np.float32)
 
     def filtered_ids(self, **filters: Any) -> np.ndarray:

@@ -173,6 +173,15 @@ class Codec(ABC):
         decoder than text queries, else None (then :meth:`cosine_index` serves both)."""
         return None
 
+    def item_vectors(self, codes: np.ndarray) -> np.ndarray | None:
+        """``(n, code_size)`` → ``(n, d)`` float32: what item queries score, where the codec decodes
+        items for them through a decoder of their own (``pqvae`` with ``item_decoder``), else None."""
+        return None
+
+    def item_search_index(self, codes: np.ndarray) -> faiss.Index | None:
+        """An inner-product index over ``codes`` scoring :meth:`item_vectors`, or None without them."""
+        return None
+
     @property
     def has_item_path(self) -> bool:
         """Whether item queries are scored through a decoder of their own (:meth:`item_cosine_index`)."""

@@ -384,12 +384,9 @@ class PQVAECodec(Codec):
         return None if item is None else self._scanner_of(item)
 
     def _scanner_of(self, decoder: ShiftedLinear) -> faiss.Index:
-        config = self.model.config
-        weight = decoder.linear.weight.detach().numpy()  # W (d, m)
-        shift = decoder.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)
-        centroids = self.model.codebook.detach().numpy()[None] + shift  # (M, K, e)
+        weight, centroids = linear_decoder_arrays(self.model, decoder)
         scanner: faiss.Index = transformed_index(
-            weight.T, byte_aligned_pq(centroids, config.codebook_bits, first_index_high=True)
+            weight.T, byte_aligned_pq(centroids, self.model.config.codebook_bits, first_index_high=True)
         )
         return scanner
 
@@ -658,6 +655,17 @@ def _reconstruction_loss(config: PQVAEConfig, recon: torch.Tensor, target: torch
     if config.similarity_weight:
         loss = loss + config.similarity_weight * F.mse_loss(recon @ target.T, target @ target.T)
     return loss
+
+
+def linear_decoder_arrays(model: PQVAE, decoder: ShiftedLinear) -> tuple[np.ndarray, np.ndarray]:
+    """``(W (d, m), centroids (M, K, e))`` float32 of ``model``'s linear ``decoder`` ``W (ẑ + β)``: the
+    shared codebook shifted by each sub-vector's part of ``β``, so that ``<q, W (ẑ + β)>`` is the sum
+    over sub-vectors of ``<(Wᵀ q)_j, centroid_j>`` (what a PQ over the codes scores)."""
+    config = model.config
+    weight = decoder.linear.weight.detach().numpy()
+    shift = decoder.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)
+    centroids = model.codebook.detach().numpy()[None] + shift
+    return np.ascontiguousarray(weight, dtype=np.float32), np.ascontiguousarray(centroids, dtype=np.float32)
 
 
 def _fit(model: PQVAE, x: torch.Tensor, generator: torch.Generator, plain: torch.Tensor | None = None) -> None:

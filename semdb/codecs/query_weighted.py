@@ -204,9 +204,7 @@ class QueryWeightedCodec(Codec):
 
     def item_vectors(self, codes: np.ndarray) -> np.ndarray | None:
         """The base codec's vectors for item queries (already in the searched space), or None."""
-        decode_items = getattr(self.base, "item_vectors", None)
-        vectors: np.ndarray | None = None if decode_items is None else decode_items(self.check_codes(codes))
-        return vectors
+        return self.base.item_vectors(self.check_codes(codes))
 
     @property
     def has_item_path(self) -> bool:
@@ -216,8 +214,7 @@ class QueryWeightedCodec(Codec):
     def item_search_index(self, codes: np.ndarray) -> faiss.Index | None:
         """The base codec's index of its item path over ``codes`` (already in the searched space: no
         ``W⁻¹``), or None without one."""
-        index: faiss.Index | None = getattr(self.base, "item_search_index", lambda _: None)(self.check_codes(codes))
-        return index
+        return self.base.item_search_index(self.check_codes(codes))
 
     def item_cosine_index(self, codes: np.ndarray) -> CosineIndex | None:
         """With a base codec that decodes items for item queries itself (``item_decoder``, already

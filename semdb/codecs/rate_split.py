@@ -133,7 +133,7 @@ class RateSplitCodec(Codec):
         words = residual_bits // WORD_BITS
         if words * e > primary.dim:
             raise InvalidArgumentError(f"{words} residual words of {e} axes exceed the {primary.dim} dimensions")
-        if items_only and getattr(primary, "item_vectors", lambda _: None)(primary.encode(x[:1])) is None:
+        if items_only and primary.item_vectors(primary.encode(x[:1])) is None:
             raise InvalidArgumentError("a residual for item queries needs a primary codec with an item decoder")
         anchor = _item_anchor(primary) if items_only else primary.scored_vectors
         if words:
@@ -323,7 +323,7 @@ def _item_anchor(primary: Codec) -> Callable[[np.ndarray], np.ndarray]:
     """The primary's item vectors as a function of its codes (checked to exist by the caller)."""
 
     def vectors(codes: np.ndarray) -> np.ndarray:
-        out = primary.item_vectors(codes)  # type: ignore[attr-defined]
+        out = primary.item_vectors(codes)
         assert out is not None
         return np.asarray(out, dtype=np.float32)
 

@@ -13,7 +13,7 @@ computes), and the best ``k`` of those returned.
 
 Each code is held once, in FAISS's blocks: a FAISS label is the image id and the item's place (its
 FAISS list and its offset there, :data:`ID_SHIFT`), so the re-rank reads a candidate's code straight
-from its list's blocks (:func:`unpack_blocks`) without a second copy by row, an id-to-row map or a
+from its list's blocks (:func:`block_positions`) without a second copy by row, an id-to-row map or a
 list column. Appends go to the ends of their lists; a removal moves each list's last items into
 the holes (FAISS's own ``remove_ids``) and then renumbers that list's offsets. A bitmap of the ids
 held answers membership, and everything by row is read back from the lists
@@ -207,15 +207,7 @@ def four_bit_layout(codec: Codec) -> FourBitLayout | None:
         matrix = inverse if base.matrix is None else base.matrix @ inverse
         return FourBitLayout(np.ascontiguousarray(matrix, dtype=np.float32), base.centroids, base.high_first)
     if pqvae is not None and isinstance(codec, pqvae.PQVAECodec):
-        config, decoder = codec.model.config, codec.model.decoder
-        if not isinstance(decoder, pqvae.ShiftedLinear) or config.codebook_bits != WORD_BITS:
-            return None
-        weight = decoder.linear.weight.detach().numpy()  # (d, m): the decoder's output is W (ẑ + β)
-        shift = decoder.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)
-        centroids = codec.model.codebook.detach().numpy()[None] + shift  # (M, 16, e)
-        return FourBitLayout(
-            np.ascontiguousarray(weight.T, dtype=np.float32), np.ascontiguousarray(centroids, np.float32), True
-        )
+        return _pqvae_layout(codec, codec.model.decoder)
     if isinstance(codec, FaissCodec):
         product, inner = _linear_chain(codec.index)
         if not isinstance(inner, faiss.IndexPQ) or inner.pq.nbits != WORD_BITS or inner.pq.M % 2:
@@ -236,20 +228,20 @@ def item_layout(codec: Codec) -> FourBitLayout | None:
     from semdb.codecs.query_weighted import QueryWeightedCodec
 
     pqvae = sys.modules.get("semdb.codecs.pqvae")
-    if pqvae is None or not isinstance(codec, QueryWeightedCodec) or not codec.has_item_path:
+    if pqvae is None or not isinstance(codec, QueryWeightedCodec) or not isinstance(codec.base, pqvae.PQVAECodec):
         return None
-    base = codec.base
-    if not isinstance(base, pqvae.PQVAECodec) or four_bit_layout(codec) is None:
+    # The item decoder's output is already in the searched space: no W⁻¹ in front of it.
+    return _pqvae_layout(codec.base, codec.base.model.item_decoder)
+
+
+def _pqvae_layout(codec: Any, decoder: Any) -> FourBitLayout | None:
+    """The layout of a ``pqvae`` codec's ``decoder`` (its first, or its item decoder): the decoder's
+    ``Wᵀ`` in front of its shifted codebook; None unless the decoder is linear and words are 4 bits."""
+    pqvae = sys.modules["semdb.codecs.pqvae"]
+    if not isinstance(decoder, pqvae.ShiftedLinear) or codec.model.config.codebook_bits != WORD_BITS:
         return None
-    config, item = base.model.config, base.model.item_decoder
-    if not isinstance(item, pqvae.ShiftedLinear):
-        return None
-    weight = item.linear.weight.detach().numpy()  # (d, m)
-    shift = item.shift.detach().numpy().reshape(config.subvectors, 1, config.latent_dim)
-    centroids = base.model.codebook.detach().numpy()[None] + shift  # (M, 16, e)
-    return FourBitLayout(
-        np.ascontiguousarray(weight.T, dtype=np.float32), np.ascontiguousarray(centroids, np.float32), True
-    )
+    weight, centroids = pqvae.linear_decoder_arrays(codec.model, decoder)  # (d, m), (M, 16, e)
+    return FourBitLayout(np.ascontiguousarray(weight.T), centroids, True)
 
 
 # --- fast-scan's blocked layout ---------------------------------------------------------------------
@@ -887,10 +879,9 @@ class FastScan:
         tables = np.einsum("qmd,mwd->qmw", y.reshape(q, layout.words, -1), layout.centroids).reshape(q, -1)
         exact = tables[np.arange(q)[:, None, None], flat].sum(axis=2)
         ids = (labels >> ID_SHIFT).reshape(q, depth)
-        if items is not None:
-            exact = exact * items.words_inverse_norms(flat)
-        elif self.norms_from_words:
-            exact = exact * layout.table_inverse_norms(flat)
+        if items is not None or self.norms_from_words:
+            # From the words: the item layout's norms (none held), or an orthonormal layout's table sum.
+            exact = exact * layout.words_inverse_norms(flat)
         elif self.inverse_norms is not None:
             exact = exact * self.inverse_norms[ids]
         exact = np.where(valid, exact, -np.inf).astype(np.float32)

@@ -115,7 +115,8 @@ class CodedGroup:
         (and kept) on first use where the codec has one, else :meth:`exact_index`."""
         if self.make_item_index is not None:
             if self.item_index is None:
-                ids, codes, _, _ = self.rows()
+                # The text path's norms are not needed: the item scan computes its own.
+                ids, codes, _, _ = self.rows(held_norms_only=True)
                 built = self.make_item_index(codes)
                 if built is not None:
                     self.item_index, self.item_ids = built, ids
