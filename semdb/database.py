@@ -133,6 +133,8 @@ class Database:
         self._older_schema: SchemaVersionError | None = None
         self._cache_file: Path | None = None
         self._codecs: dict[int, Codec] = {}
+        # The embedding dimension once the database records one (it never changes after).
+        self._search_dim: int | None = None
         # Validate before anything is opened, so that a mistake never leaves a database behind.
         if bits is not None:
             check_bits(bits)
@@ -524,7 +526,7 @@ class Database:
         if index.size == 0 or self._store is None:
             raise NotReadyError(f"database {self.location} has no searchable images yet; run `semdb ingest` first")
         scores, ids = index.search(
-            np.ascontiguousarray(queries, dtype=np.float32),
+            self._checked_queries(queries),
             k,
             allowed=allowed,
             exact=exact,
@@ -541,6 +543,22 @@ class Database:
             ]
             for row_scores, row_ids in zip(scores, ids, strict=True)
         ]
+
+    def _checked_queries(self, queries: np.ndarray) -> np.ndarray:
+        """``queries`` as a C-contiguous ``(q, d)`` float32 array of finite values, ``d`` the dimension
+        the database records; a one-line error otherwise."""
+        array = np.asarray(queries, dtype=np.float32)
+        if self._search_dim is None:
+            self._search_dim = self._recorded_dim()
+        dim = self._search_dim
+        if array.ndim != 2 or (dim is not None and array.shape[1] != dim):
+            raise InvalidArgumentError(
+                f"queries must be a (q, {dim if dim is not None else 'd'}) array of the database's embeddings, "
+                f"got shape {array.shape}"
+            )
+        if not np.isfinite(array).all():
+            raise InvalidArgumentError("queries contain NaN or infinite values; pass finite embeddings")
+        return np.ascontiguousarray(array)
 
     def _check_model(self) -> None:
         if self.setting("model") is None:

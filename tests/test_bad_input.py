@@ -186,3 +186,22 @@ def test_ingest_records_the_full_size_of_jpegs_decoded_small(tmp_path: Path) -> 
     db.ingest([folder])
     with sqlite3.connect(tmp_path / "db.semdb") as connection:
         assert connection.execute("SELECT width, height FROM contents").fetchall() == [(640, 640)]
+
+
+def test_search_vectors_refuses_queries_of_the_wrong_shape_or_not_finite(tmp_path: Path) -> None:
+    from conftest import broad_embeddings
+
+    from semdb.errors import InvalidArgumentError
+
+    x, _ = broad_embeddings(50, 32)
+    with semdb.connect(tmp_path / "q.semdb", codec="pq", bits=32, model="hf-hub:none/none") as db:
+        db.add_embeddings([f"/nowhere/{i}.png" for i in range(len(x))], x)
+        assert len(db.search_vectors(x[:2], 3)) == 2
+        for bad, message in (
+            (x[:1, :7], r"\(q, 32\) array"),
+            (x[0], r"\(q, 32\) array"),
+            (np.full((1, 32), np.nan, np.float32), "NaN or infinite"),
+        ):
+            for image_queries in (False, True):
+                with pytest.raises(InvalidArgumentError, match=message):
+                    db.search_vectors(bad, 3, image_queries=image_queries)
