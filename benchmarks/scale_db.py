@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import faiss
 import numpy as np
@@ -37,6 +38,7 @@ from search_latency import spectrum, synthetic
 import semdb
 from semdb.evaluation import recall_at_k
 from semdb.index import SearchIndex, cache_path
+from semdb.store.repository import Repository
 
 DIM = 512
 K = 10
@@ -104,6 +106,10 @@ def main() -> None:
         cache_path(path).unlink(missing_ok=True)
         with semdb.connect(path) as db:
             rows.append(["full build from the store", *timed_cpu(db.index)])
+        # The baseline, same process: codes read as the driver's tuple per row (PostgreSQL's path).
+        cache_path(path).unlink(missing_ok=True)
+        with mock.patch.object(Repository, "_sqlite_utf8", return_value=False), semdb.connect(path) as db:
+            rows.append(["  the same, codes read row by row (baseline)", *timed_cpu(db.index)])
         with semdb.connect(path) as db:
             rows.append(["load of the cache (same state)", *timed_cpu(db.index)])
             index = db.index()

@@ -21,7 +21,11 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Dialect,
+    LargeBinary,
+    and_,
     bindparam,
+    case,
+    cast,
     delete,
     func,
     insert,
@@ -555,9 +559,12 @@ class Repository:
         """Indexed images coded by ``codec_id``, by id, ``rows`` at a time:
         ``(image_ids (m,) int64, codes (m, code_size) uint8, list_nos (m,) int64, -1 where NULL)``.
 
-        Streamed (``yield_per``): only one chunk of rows is ever held as Python objects. A code of
-        another length than ``code_size`` means a damaged row: ValueError.
+        Streamed: only one chunk is ever held at a time. A code of another length than ``code_size``
+        means a damaged row: ValueError.
         """
+        if self.connection.dialect.name == "sqlite" and self._sqlite_utf8():
+            yield from self._coded_pages(codec_id, code_size, rows)
+            return
         statement = (
             select(ImageRecord.id, Code.code, func.coalesce(Code.list_no, -1))
             .join(Code, Code.content_id == ImageRecord.content_id)
@@ -574,6 +581,68 @@ class Repository:
             while chunk := cursor.fetchmany(rows):
                 ids, codes = _ids_and_blobs(chunk, np.uint8, code_size)
                 yield ids, codes, np.fromiter(map(itemgetter(2), chunk), dtype=np.int64, count=len(chunk))
+
+    def _sqlite_utf8(self) -> bool:
+        """Whether this SQLite database stores text as UTF-8 (semdb's always do): then
+        ``group_concat`` of blobs keeps their bytes as they are."""
+        return str(self.connection.exec_driver_sql("PRAGMA encoding").scalar()).upper() == "UTF-8"
+
+    def _coded_pages(
+        self, codec_id: int, code_size: int, rows: int
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """:meth:`coded_chunks` on SQLite: one row per page of ``rows`` images, its columns joined by
+        SQLite itself (``group_concat``), so that a million codes make no Python object per row — the
+        driver's tuple per row was most of a full build (``docs/benchmarks.md``, "full build")."""
+        page = (
+            select(ImageRecord.id, ImageRecord.content_id)
+            .where(ImageRecord.id > bindparam("after"), ImageRecord.status == STATUS_INDEXED)
+            .order_by(ImageRecord.id)
+            .limit(rows)
+            .subquery("page")
+        )
+        coded = Code.content_id.is_not(None)  # images of the page that codec_id coded (outer join)
+        statement = (
+            select(
+                func.count(),
+                func.max(page.c.id),
+                func.count(Code.content_id),
+                # group_concat skips NULLs: only the coded images' ids and list numbers.
+                func.group_concat(case((coded, page.c.id))),
+                cast(func.group_concat(Code.code, ""), LargeBinary),
+                func.group_concat(case((coded, func.coalesce(Code.list_no, -1)))),
+                func.min(func.length(cast(Code.code, LargeBinary))),  # bytes, also of a code stored as text
+                func.max(func.length(cast(Code.code, LargeBinary))),
+                # Values of the wrong type (a damaged row) that group_concat would quietly turn into text.
+                func.count(case((func.typeof(Code.code) != "blob", 1))),
+                func.count(case((func.typeof(Code.list_no).not_in(("integer", "null")), 1))),
+            )
+            .select_from(page)
+            .outerjoin(Code, and_(Code.content_id == page.c.content_id, Code.codec_id == codec_id))
+        )
+        after = -1
+        while True:
+            page_rows, last, count, ids_text, blob, lists_text, shortest, longest, not_blobs, not_integers = (
+                self.connection.execute(statement, {"after": after}).one()
+            )
+            if not page_rows:
+                return
+            after = int(last)
+            if not count:
+                continue
+            if not_blobs or shortest != code_size or longest != code_size or len(blob) != count * code_size:
+                raise ValueError(f"stored codes of {code_size} bytes expected")
+            if not_integers:
+                raise ValueError("a stored list number is not an integer")
+            ids = np.fromstring(ids_text, dtype=np.int64, sep=",")
+            lists = np.fromstring(lists_text, dtype=np.int64, sep=",")
+            if len(ids) != count or len(lists) != count:
+                raise ValueError("a stored list number is not an integer")
+            codes = np.frombuffer(blob, np.uint8).reshape(count, code_size)
+            # The rows come in the page's order in practice; SQL does not promise it for an aggregate.
+            if count > 1 and not bool(np.all(ids[1:] > ids[:-1])):
+                order = np.argsort(ids, kind="stable")
+                ids, codes, lists = ids[order], codes[order], lists[order]
+            yield ids, codes, lists
 
     @contextmanager
     def _driver_cursor(self, sql: str, parameters: Any, *, stream: bool = False) -> Iterator[Any]:
