@@ -102,7 +102,7 @@ def main() -> None:
                 "offline_over": f"{scope} ({len(subset)})",
                 **{key: round(value, 3) for key, value in measured.items()},
                 **{f"stats_{key}": round(stored[key], 3) for key in measured},
-                # What stats prints for a database of this many images (extended from half the staged).
+                # What stats prints for a database of this many images (estimated from the depth curves).
                 **{
                     f"stats_at_{len(subset)}_{key}": round(value, 3)
                     for key, value in (at_collection(stored, len(subset)) or {}).items()

@@ -13,9 +13,13 @@ for images) against the floats they came from:
 Recall is :func:`semdb.evaluation.recall_at_k`, the one recall helper of the code base. The figures
 are stored in the codec's report (``codecs.report``) and shown by ``semdb stats``.
 
-The two agreements fall as the collection grows (more near neighbours to confuse), so each is also
-measured among half the staged images, and ``stats`` extends the change per doubling to a collection
-larger than what was staged (``docs/codecs.md`` §11i: how close that comes).
+The two agreements fall as the collection grows (more near neighbours to confuse). ``stats``
+estimates them for a collection ``m`` times what was staged from how deep the staged codes agree:
+the top ``k`` among ``m·n`` images, thinned to one in ``m``, is the top ``k/m`` among ``n`` drawn
+from the same images, with ``1/m`` as many near neighbours to confuse it with — so the agreement of
+the top 10 among ``m·n`` is about that of the top ``10/m`` among the ``n`` staged. ``measure``
+stores the agreement at each depth 1..10 (:data:`DEPTHS`); :func:`at_collection` reads it at
+``10/m`` (``docs/codecs.md`` §11k: how close that comes).
 """
 
 from __future__ import annotations
@@ -27,12 +31,12 @@ import faiss
 import numpy as np
 
 from semdb.codecs.base import Codec, as_embeddings
-from semdb.cosine import CosineIndex
 from semdb.evaluation import RECALL_K, recall_at_k
 
 HOLDOUT = 1000  # held-out embeddings measured, at most
 MIN_HOLDOUT = 20  # fewer than this: too few to measure anything
 HOLDOUT_SHARE = 5  # at most 1 / HOLDOUT_SHARE of the staged embeddings are held out
+DEPTHS = RECALL_K  # agreement stored at each depth 1..DEPTHS
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,14 @@ class Fidelity:
     held_out: int  # held-out images measured (image queries)
     searched: int  # images searched (all the staged ones)
     queries: int  # text queries
-    # Change of each agreement from half the searched images to all of them: per doubling (None: not measured).
+    # Agreement at depths 1..10 among all the searched images (see the module docstring): for text
+    # queries; for image queries without the probe itself; and the share of probes whose own code is
+    # among the top j. None in reports made before them.
+    text_by_depth: list[float] | None = None
+    image_by_depth: list[float] | None = None
+    self_by_depth: list[float] | None = None
+    # Reports made before the depth curves: the change of each agreement from half the searched
+    # images to all of them, per doubling (still read by :func:`at_collection`; no longer measured).
     text_per_doubling: float | None = None
     image_per_doubling: float | None = None
 
@@ -75,31 +86,25 @@ def measure(codec: Codec, embeddings: np.ndarray, held_out: np.ndarray, queries:
     codes = codec.encode(x)
     text_queries = None if queries is None or not len(queries) else as_embeddings(queries, codec.dim)
     originals = x[rows]
-
-    def agreements(searched: np.ndarray) -> tuple[float | None, float]:
-        """``(text→image, image→image)`` agreement when the images searched are rows ``searched``."""
-        k = min(RECALL_K, len(searched))
-        coded = codec.cosine_index(codes[searched])
-        # Image queries search the codec's item path where it has one, as the database's do.
-        coded_for_images = codec.image_cosine_index(codes[searched], coded)
-        exact = faiss.IndexFlatIP(x.shape[1])  # the floats are unit vectors: inner product is cosine
-        exact.add(x[searched])
-
-        def agreement(probes: np.ndarray, index: CosineIndex) -> float:
-            return recall_at_k(exact.search(probes, k)[1], index.search(probes, k)[1])
-
-        text = None if text_queries is None else agreement(text_queries, coded)
-        return text, agreement(originals, coded_for_images)
-
-    text, image = agreements(np.arange(len(x)))
-    text_slope = image_slope = None
-    others = np.setdiff1d(np.arange(len(x)), rows)
-    if len(others) >= len(x) // 2 - len(rows) > 0:
-        # The held-out images and enough of the others to make half: the same probes, half the haystack.
-        kept = np.random.default_rng(0).choice(others, len(x) // 2 - len(rows), replace=False)
-        half_text, half_image = agreements(np.sort(np.concatenate([rows, kept])))
-        image_slope = image - half_image
-        text_slope = None if text is None or half_text is None else text - half_text
+    k = min(RECALL_K, len(x))
+    coded = codec.cosine_index(codes)
+    # Image queries search the codec's item path where it has one, as the database's do.
+    coded_for_images = codec.image_cosine_index(codes, coded)
+    exact = faiss.IndexFlatIP(x.shape[1])  # the floats are unit vectors: inner product is cosine
+    exact.add(x)
+    text = text_by_depth = None
+    if text_queries is not None:
+        truth, found = exact.search(text_queries, k)[1], coded.search(text_queries, k)[1]
+        text = recall_at_k(truth, found)
+        text_by_depth = [recall_at_k(truth[:, :j], found[:, :j]) for j in range(1, k + 1)]
+    # One deeper than k: each probe is among the searched images, and is set apart by its row (an
+    # identical embedding elsewhere may come first).
+    depth = min(k + 1, len(x))
+    truth, found = exact.search(originals, depth)[1], coded_for_images.search(originals, depth)[1]
+    image = recall_at_k(truth[:, :k], found[:, :k])
+    truth_others, found_others = _without(truth, rows), _without(found, rows)
+    image_by_depth = [recall_at_k(truth_others[:, :j], found_others[:, :j]) for j in range(1, depth)]
+    self_by_depth = [float(np.mean(np.any(found[:, :j] == rows[:, None], axis=1))) for j in range(1, k + 1)]
     decoded = codec.decode(codes[rows])
     cosines = (decoded * originals).sum(1) / np.maximum(np.linalg.norm(decoded, axis=1), 1e-12)
     return Fidelity(
@@ -110,25 +115,62 @@ def measure(codec: Codec, embeddings: np.ndarray, held_out: np.ndarray, queries:
         held_out=len(rows),
         searched=len(x),
         queries=0 if queries is None else len(queries),
-        text_per_doubling=text_slope,
-        image_per_doubling=image_slope,
+        text_by_depth=text_by_depth,
+        image_by_depth=image_by_depth,
+        self_by_depth=self_by_depth,
     )
 
 
+def _without(neighbours: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """``(q, d - 1)`` of ``neighbours`` ``(q, d)`` less each query's own row ``rows`` ``(q,)`` (the last
+    column dropped where it was not among them)."""
+    width = neighbours.shape[1] - 1
+    others = neighbours != rows[:, None]
+    others[others.sum(1) > width, -1] = False
+    return neighbours[others].reshape(len(neighbours), width)
+
+
+def _at_depth(curve: list[float], depth: float) -> float:
+    """``curve[j - 1]`` (the agreement at depth j) at a fractional ``depth``: linear between depths,
+    and below depth 1 carried on in log depth from depths 1 and 2 (an extrapolation)."""
+    values = np.asarray(curve, dtype=np.float64)
+    if depth >= 1 or len(values) < 2:
+        return float(np.interp(depth, np.arange(1, len(values) + 1), values))
+    return float(values[0] + (values[1] - values[0]) * np.log2(depth))
+
+
 def at_collection(fidelity: dict[str, Any], images: int) -> dict[str, float] | None:
-    """The agreements of a stored :meth:`Fidelity.to_dict` extended to a collection of ``images``:
-    each figure plus its change per doubling times ``log2(images / searched)``, within 0..1; None
-    when the collection is no larger than what was measured or no change per doubling was."""
+    """The agreements of a stored :meth:`Fidelity.to_dict` estimated for a collection of ``images``,
+    ``m`` times the ``searched`` (the module docstring): each figure moved by how much its depth
+    curve falls from depth 10 to ``10/m``, within 0..1. None when the collection is no larger than
+    what was measured or the report has no curve (nor, from before the curves, a change per doubling)."""
     searched = int(fidelity.get("searched") or 0)
-    if fidelity.get("image_per_doubling") is None or searched <= 0 or images <= searched:
+    if searched <= 0 or images <= searched:
         return None
-    doublings = float(np.log2(images / searched))
-    out = {}
-    for key in ("text_to_image", "image_to_image"):
-        value, slope = fidelity.get(key), fidelity.get(key.split("_")[0] + "_per_doubling")
-        if value is not None and slope is not None:
-            out[key] = float(np.clip(value + slope * doublings, 0.0, 1.0))
-    return out
+    scale = images / searched
+    out: dict[str, float] = {}
+    if fidelity.get("image_by_depth") and fidelity.get("self_by_depth"):
+        k = len(fidelity["image_by_depth"])
+
+        def image_top(depth: float) -> float:
+            # The top k of an image query: itself and k - 1 others.
+            others = _at_depth(fidelity["image_by_depth"], (k - 1) * depth / k)
+            return (_at_depth(fidelity["self_by_depth"], depth) + (k - 1) * others) / k
+
+        out["image_to_image"] = fidelity["image_to_image"] + image_top(k / scale) - image_top(k)
+        text_curve = fidelity.get("text_by_depth")
+        if text_curve and fidelity.get("text_to_image") is not None:
+            depth = len(text_curve)
+            out["text_to_image"] = fidelity["text_to_image"] + _at_depth(text_curve, depth / scale) - text_curve[-1]
+    elif fidelity.get("image_per_doubling") is not None:
+        doublings = float(np.log2(scale))
+        for key in ("text_to_image", "image_to_image"):
+            value, slope = fidelity.get(key), fidelity.get(key.split("_")[0] + "_per_doubling")
+            if value is not None and slope is not None:
+                out[key] = value + slope * doublings
+    else:
+        return None
+    return {key: float(np.clip(value, 0.0, 1.0)) for key, value in out.items()}
 
 
 def describe(fidelity: dict[str, Any], images: int | None = None) -> str:
@@ -148,7 +190,7 @@ def describe(fidelity: dict[str, Any], images: int | None = None) -> str:
             for key, label in (("text_to_image", "text→image"), ("image_to_image", "image→image"))
             if key in extended
         )
-        sentence += f"; among all {images:,}, about {figures} (extended from half of them to all)"
+        sentence += f"; among all {images:,}, about {figures} (estimated from how deep the staged top-10 agree)"
     return sentence
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 from conftest import broad_embeddings
@@ -92,32 +93,54 @@ def test_fidelity_matches_an_offline_evaluation() -> None:
     assert abs(float((decoded[rows] * x[rows]).sum(1).mean()) - fidelity["mean_cosine"]) < 0.01
     assert 0.2 < fidelity["text_to_image"] <= 1 and json.dumps(report)  # JSON-ready
     assert "measured on 1,500 of your images" in report_lines(report)[1]
-    # The change per doubling: the same agreement measured among half the images, recomputed here.
-    half = np.sort(
-        np.concatenate(
-            [
-                rows,
-                np.random.default_rng(0).choice(
-                    np.setdiff1d(np.arange(len(x)), rows), len(x) // 2 - len(rows), replace=False
-                ),
-            ]
-        )
-    )
-    for probes, key, vectors in ((q, "text_to_image", decoded), (x[rows], "image_to_image", for_images)):
-        truth = np.argsort(-(probes @ x[half].T), axis=1)[:, :10]
-        found = np.argsort(-(probes @ vectors[half].T), axis=1)[:, :10]
-        slope = fidelity[key.split("_")[0] + "_per_doubling"]
-        assert abs((fidelity[key] - recall_at_k(truth, found)) - slope) < 0.03
-    # A database of 4x the images measured: each agreement extended by two doublings, shown by stats.
-    extended = at_collection(fidelity, 4 * 1500)
-    assert extended is not None
-    for key in ("text_to_image", "image_to_image"):
-        want = float(np.clip(fidelity[key] + 2 * fidelity[key.split("_")[0] + "_per_doubling"], 0, 1))
-        assert extended[key] == pytest.approx(want)
-    assert "among all 6,000, about" in report_lines(report, 6000)[1]
+    # The depth curves, recomputed here: text agreement of the top j, image agreement of the top j
+    # others (the probe itself set apart), and how often a probe's own code is in its top j.
+    text_truth = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    text_found = np.argsort(-(q @ decoded.T), axis=1)[:, :10]
+    image_truth = np.argsort(-(x[rows] @ x.T), axis=1)[:, :11]
+    image_found = np.argsort(-(x[rows] @ for_images.T), axis=1)[:, :11]
+
+    def others(neighbours: np.ndarray) -> np.ndarray:
+        return np.array([[i for i in row if i != own][:10] for row, own in zip(neighbours, rows, strict=True)])
+
+    for j in (1, 4, 10):
+        assert abs(fidelity["text_by_depth"][j - 1] - recall_at_k(text_truth[:, :j], text_found[:, :j])) < 0.02
+        found_others = others(image_found)[:, :j]
+        assert abs(fidelity["image_by_depth"][j - 1] - recall_at_k(others(image_truth)[:, :j], found_others)) < 0.02
+        own = float(np.mean([own in row[:j] for row, own in zip(image_found, rows, strict=True)]))
+        assert abs(fidelity["self_by_depth"][j - 1] - own) < 0.02
     assert at_collection(fidelity, 1500) is None and "among all" not in report_lines(report, 1500)[1]
-    older = {key: value for key, value in fidelity.items() if not key.endswith("_per_doubling")}
-    assert at_collection(older, 6000) is None  # a report written before the change per doubling
+    assert "among all 6,000, about" in report_lines(report, 6000)[1]
+    older = {key: value for key, value in fidelity.items() if not key.endswith("_by_depth")}
+    assert at_collection(older, 6000) is None  # a report with neither curves nor a change per doubling
+    before_curves = {**older, "text_per_doubling": -0.05, "image_per_doubling": -0.1}  # read as written then
+    assert at_collection(before_curves, 6000) == pytest.approx(
+        {"text_to_image": fidelity["text_to_image"] - 0.1, "image_to_image": fidelity["image_to_image"] - 0.2}
+    )
+
+
+def test_fidelity_estimated_for_a_larger_collection_agrees_with_one() -> None:
+    """``stats``'s estimate for a collection 4x what was staged, against that collection offline."""
+    x, q = broad(6000)
+    staged = x[:1500]
+    trained = train_for_database(staged, codec=None, bits=None, fidelity=None, queries=lambda _: q, steps=20)
+    estimated = at_collection(trained.report["fidelity"], len(x))
+    assert estimated is not None
+    codec = trained.codec
+    codes = codec.encode(x)
+    coded = codec.cosine_index(codes)
+    for_images = codec.image_cosine_index(codes, coded)
+    probes = x[np.random.default_rng(3).choice(len(x), 500, replace=False)]
+    exact = faiss.IndexFlatIP(x.shape[1])
+    exact.add(x)
+    offline = {
+        "text_to_image": recall_at_k(exact.search(q, 10)[1], coded.search(q, 10)[1]),
+        "image_to_image": recall_at_k(exact.search(probes, 10)[1], for_images.search(probes, 10)[1]),
+    }
+    measured = trained.report["fidelity"]
+    for key, value in offline.items():
+        # Closer than the figure measured among the staged images, which the larger collection lowers.
+        assert abs(estimated[key] - value) < 0.04 and abs(estimated[key] - value) < abs(measured[key] - value)
 
 
 def test_bits_auto_picks_the_smallest_rate_meeting_the_target() -> None:
