@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
+from functools import partialmethod
 from pathlib import Path
 from unittest import mock
 
@@ -111,7 +112,8 @@ def main() -> None:
         builds: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
         for by_row in (False, *(False, True) * BUILD_REPEATS):
             cache_path(path).unlink(missing_ok=True)
-            reader = mock.patch.object(Repository, "_sqlite_utf8", return_value=False) if by_row else nullcontext()
+            row_reader = partialmethod(Repository.coded_chunks, by_row=True)
+            reader = mock.patch.object(Repository, "coded_chunks", row_reader) if by_row else nullcontext()
             with reader, semdb.connect(path) as db:
                 builds[by_row].append(timed_cpu(db.index))
         builds[False].pop(0)  # the warm-up

@@ -148,6 +148,41 @@ def test_the_open_index_catches_up_from_the_change_log(
     assert reads and str(tmp_path / "a" / "red_0.png") not in {path for path, _ in caught}
 
 
+def test_a_full_build_reads_the_same_codes_without_a_row_object_as_with_one(database_location: str) -> None:
+    """SQLite's aggregated pages and PostgreSQL's binary COPY give what the driver's rows give, by id,
+    across chunks, a run of images that are not searchable, and one removed; a code one byte short
+    is a damaged row on both."""
+    path = database_location
+    x = np.random.default_rng(0).standard_normal((60, 16)).astype(np.float32)
+    with semdb.connect(path, codec="pq", bits=16, model="hf-hub:none/none") as db:
+        db.add_embeddings([f"/nowhere/{i}.png" for i in range(60)], x, train_size=20)
+    store = Store.open(path, write=True)
+    with store.writing() as repository:
+        run = repository.connection.execute(text("SELECT id FROM images ORDER BY id")).scalars().all()[8:26]
+        listed = ",".join(map(str, run))
+        repository.connection.execute(text(f"UPDATE images SET status = 'skipped' WHERE id IN ({listed})"))
+        repository.connection.execute(text("DELETE FROM images WHERE id = (SELECT max(id) FROM images) - 20"))
+        repository.connection.execute(text("UPDATE codes SET list_no = 3 WHERE content_id % 2 = 0"))
+    with store.reading() as repository:
+        codec_id = int(repository.connection.execute(text("SELECT id FROM codecs")).scalar_one())
+        chunks = list(repository.coded_chunks(codec_id, 2, rows=7))
+        by_row = list(repository.coded_chunks(codec_id, 2, by_row=True))
+    assert len(chunks) > 2 and all(len(ids) <= 7 for ids, _, _ in chunks)
+    for part in range(3):
+        assert np.array_equal(np.concatenate([c[part] for c in chunks]), np.concatenate([r[part] for r in by_row]))
+    ids = np.concatenate([c[0] for c in chunks])
+    assert len(ids) == 60 - 18 - 1 and not np.isin(ids, run).any() and np.all(np.diff(ids) > 0)
+    assert set(np.concatenate([c[2] for c in chunks]).tolist()) == {-1, 3}
+    shorter = "substr(code, 2)" if store.dialect == "sqlite" else "substring(code from 2)"
+    with store.writing() as repository:
+        repository.connection.execute(
+            text(f"UPDATE codes SET code = {shorter} WHERE content_id = (SELECT max(content_id) FROM codes)")
+        )
+    with store.reading() as repository, pytest.raises(ValueError, match="stored codes of 2 bytes expected"):
+        list(repository.coded_chunks(codec_id, 2, rows=7))
+    store.close()
+
+
 def test_four_concurrent_writers_train_one_codec_and_store_nothing_twice(
     database_location: str, tmp_path: Path
 ) -> None:

@@ -212,35 +212,3 @@ def test_a_search_of_an_older_schema_says_to_migrate_and_an_ingest_migrates_it(t
     db.add_embeddings([f"/nowhere/{i}.png" for i in range(30, 40)], x[30:])  # a writer migrates
     assert len(db.search_vectors(x[:1], k=3)[0]) == 3
     db.close()
-
-
-def test_a_full_build_reads_the_same_codes_page_by_page_as_row_by_row(tmp_path: Path) -> None:
-    """SQLite's aggregated pages (no Python object per row) give what the driver's rows give, by id,
-    across pages with no coded image in them and images that are not indexed."""
-    import numpy as np
-
-    import semdb
-
-    path = tmp_path / "db.semdb"
-    x = np.random.default_rng(0).standard_normal((60, 16)).astype(np.float32)
-    with semdb.connect(path, codec="pq", bits=16, model="hf-hub:none/none") as db:
-        db.add_embeddings([f"/nowhere/{i}.png" for i in range(60)], x, train_size=20)
-    with sqlite3.connect(path) as connection:
-        # A run of images longer than a page that is not searchable, and one removed outright.
-        connection.execute("UPDATE images SET status = 'skipped' WHERE id BETWEEN 8 AND 25")
-        connection.execute("DELETE FROM images WHERE id = 40")
-        connection.execute("UPDATE codes SET list_no = 3 WHERE content_id % 2 = 0")
-    store = Store.open(path)
-    with store.reading() as repository:
-        codec_id = int(repository.connection.exec_driver_sql("SELECT id FROM codecs").scalar_one())
-        pages = list(repository._coded_pages(codec_id, 2, rows=7))
-        repository._sqlite_utf8 = lambda: False  # type: ignore[method-assign]  # the driver's rows
-        by_row = list(repository.coded_chunks(codec_id, 2))
-    store.close()
-    assert len(pages) > 2 and all(len(ids) <= 7 for ids, _, _ in pages)
-    for part in range(3):
-        paged, rowed = np.concatenate([p[part] for p in pages]), np.concatenate([r[part] for r in by_row])
-        assert np.array_equal(paged, rowed)
-    ids = np.concatenate([p[0] for p in pages])
-    assert len(ids) == 60 - 18 - 1 and not np.isin(ids, [*range(8, 26), 40]).any() and np.all(np.diff(ids) > 0)
-    assert set(np.concatenate([p[2] for p in pages]).tolist()) == {-1, 3}

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 from sqlalchemy import (
+    BigInteger,
     ColumnElement,
     Connection,
     Dialect,
@@ -29,6 +30,7 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
@@ -554,15 +556,18 @@ class Repository:
         return [(int(image_id), os.fsdecode(path)) for image_id, path in self.connection.execute(statement)]
 
     def coded_chunks(
-        self, codec_id: int, code_size: int, rows: int = 65_536
+        self, codec_id: int, code_size: int, rows: int = 65_536, *, by_row: bool = False
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Indexed images coded by ``codec_id``, by id, ``rows`` at a time:
         ``(image_ids (m,) int64, codes (m, code_size) uint8, list_nos (m,) int64, -1 where NULL)``.
 
-        Streamed: only one chunk is ever held at a time. A code of another length than ``code_size``
-        means a damaged row: ValueError.
+        Streamed: only one chunk is ever held at a time, and no Python object is made per row
+        (:meth:`_coded_pages`). ``by_row``: through the
+        driver's tuple per row instead (what the benchmarks and tests compare with). A code of another
+        length than ``code_size`` means a damaged row: ValueError.
         """
-        if self.connection.dialect.name == "sqlite" and self._sqlite_utf8():
+        dialect = self.connection.dialect.name
+        if not by_row and (dialect == "postgresql" or (dialect == "sqlite" and self._sqlite_utf8())):
             yield from self._coded_pages(codec_id, code_size, rows)
             return
         statement = (
@@ -590,9 +595,9 @@ class Repository:
     def _coded_pages(
         self, codec_id: int, code_size: int, rows: int
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """:meth:`coded_chunks` on SQLite: one row per page of ``rows`` images, its columns joined by
-        SQLite itself (``group_concat``), so that a million codes make no Python object per row — the
-        driver's tuple per row was most of a full build (``docs/benchmarks.md``, "full build")."""
+        """:meth:`coded_chunks` on SQLite and PostgreSQL: one result row per page of ``rows`` images,
+        its ids, codes and list numbers joined by the database itself, so that a million codes make
+        no Python object per row (``docs/benchmarks.md``, "full build")."""
         page = (
             select(ImageRecord.id, ImageRecord.content_id)
             .where(ImageRecord.id > bindparam("after"), ImageRecord.status == STATUS_INDEXED)
@@ -601,44 +606,70 @@ class Repository:
             .subquery("page")
         )
         coded = Code.content_id.is_not(None)  # images of the page that codec_id coded (outer join)
+        list_no = func.coalesce(Code.list_no, -1)
+        sqlite = self.connection.dialect.name == "sqlite"
+        if sqlite:
+            # group_concat skips NULLs: only the coded images' ids and list numbers, as decimal text.
+            joined = (
+                func.group_concat(case((coded, page.c.id))),
+                cast(func.group_concat(Code.code, ""), LargeBinary),
+                func.group_concat(case((coded, list_no))),
+            )
+            # Bytes, also of a code stored as text; values of the wrong type (a damaged row) that
+            # group_concat would quietly turn into text.
+            length = func.length(cast(Code.code, LargeBinary))
+            wrong_types = func.count(case((func.typeof(Code.code) != "blob", 1))) + func.count(
+                case((func.typeof(Code.list_no).not_in(("integer", "null")), 1))
+            )
+        else:
+            # PostgreSQL: int8send gives each integer's 8 big-endian bytes; string_agg skips NULLs.
+            # No ORDER BY in the aggregate (a sort of each page, per column, on the server): the
+            # three see the rows in the same order, and the page is sorted here when it is not.
+            def bytes_of(value: Any) -> Any:
+                return func.string_agg(value, literal_column("''::bytea"))
+
+            joined = (
+                bytes_of(func.int8send(cast(page.c.id, BigInteger))).filter(coded),
+                bytes_of(Code.code),
+                bytes_of(func.int8send(cast(list_no, BigInteger))).filter(coded),
+            )
+            length = func.length(Code.code)
+            wrong_types = literal_column("0")  # the column types hold them
         statement = (
             select(
                 func.count(),
                 func.max(page.c.id),
                 func.count(Code.content_id),
-                # group_concat skips NULLs: only the coded images' ids and list numbers.
-                func.group_concat(case((coded, page.c.id))),
-                cast(func.group_concat(Code.code, ""), LargeBinary),
-                func.group_concat(case((coded, func.coalesce(Code.list_no, -1)))),
-                func.min(func.length(cast(Code.code, LargeBinary))),  # bytes, also of a code stored as text
-                func.max(func.length(cast(Code.code, LargeBinary))),
-                # Values of the wrong type (a damaged row) that group_concat would quietly turn into text.
-                func.count(case((func.typeof(Code.code) != "blob", 1))),
-                func.count(case((func.typeof(Code.list_no).not_in(("integer", "null")), 1))),
+                *joined,
+                func.min(length),
+                func.max(length),
+                wrong_types,
             )
             .select_from(page)
             .outerjoin(Code, and_(Code.content_id == page.c.content_id, Code.codec_id == codec_id))
         )
         after = -1
         while True:
-            page_rows, last, count, ids_text, blob, lists_text, shortest, longest, not_blobs, not_integers = (
-                self.connection.execute(statement, {"after": after}).one()
-            )
+            page_rows, last, count, ids_joined, blob, lists_joined, shortest, longest, wrong = self.connection.execute(
+                statement, {"after": after}
+            ).one()
             if not page_rows:
                 return
             after = int(last)
             if not count:
                 continue
-            if not_blobs or shortest != code_size or longest != code_size or len(blob) != count * code_size:
+            if wrong or shortest != code_size or longest != code_size or len(blob) != count * code_size:
                 raise ValueError(f"stored codes of {code_size} bytes expected")
-            if not_integers:
-                raise ValueError("a stored list number is not an integer")
-            ids = np.fromstring(ids_text, dtype=np.int64, sep=",")
-            lists = np.fromstring(lists_text, dtype=np.int64, sep=",")
+            if sqlite:
+                ids = np.fromstring(ids_joined, dtype=np.int64, sep=",")
+                lists = np.fromstring(lists_joined, dtype=np.int64, sep=",")
+            else:
+                ids = np.frombuffer(ids_joined, ">i8").astype(np.int64)
+                lists = np.frombuffer(lists_joined, ">i8").astype(np.int64)
             if len(ids) != count or len(lists) != count:
                 raise ValueError("a stored list number is not an integer")
             codes = np.frombuffer(blob, np.uint8).reshape(count, code_size)
-            # The rows come in the page's order in practice; SQL does not promise it for an aggregate.
+            # In the page's order in practice; SQL does not promise it for an aggregate.
             if count > 1 and not bool(np.all(ids[1:] > ids[:-1])):
                 order = np.argsort(ids, kind="stable")
                 ids, codes, lists = ids[order], codes[order], lists[order]
