@@ -190,7 +190,12 @@ def describe(fidelity: dict[str, Any], images: int | None = None) -> str:
             for key, label in (("text_to_image", "text→image"), ("image_to_image", "image→image"))
             if key in extended
         )
-        sentence += f"; among all {images:,}, about {figures} (estimated from how deep the staged top-10 agree)"
+        how = "estimated from how deep the staged top-10 agree"
+        if fidelity.get("image_by_depth") and images > DEPTHS * int(fidelity["searched"]):
+            how += f", extrapolated beyond {DEPTHS}× the images measured"
+        elif not fidelity.get("image_by_depth"):
+            how = "extended from half of them to all"  # a report from before the depth curves
+        sentence += f"; among all {images:,}, about {figures} ({how})"
     return sentence
 
 

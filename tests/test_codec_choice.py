@@ -110,7 +110,9 @@ def test_fidelity_matches_an_offline_evaluation() -> None:
         own = float(np.mean([own in row[:j] for row, own in zip(image_found, rows, strict=True)]))
         assert abs(fidelity["self_by_depth"][j - 1] - own) < 0.02
     assert at_collection(fidelity, 1500) is None and "among all" not in report_lines(report, 1500)[1]
-    assert "among all 6,000, about" in report_lines(report, 6000)[1]
+    four_times = report_lines(report, 6000)[1]
+    assert "among all 6,000, about" in four_times and "extrapolated" not in four_times
+    assert "extrapolated beyond 10× the images measured" in report_lines(report, 15001)[1]
     older = {key: value for key, value in fidelity.items() if not key.endswith("_by_depth")}
     assert at_collection(older, 6000) is None  # a report with neither curves nor a change per doubling
     before_curves = {**older, "text_per_doubling": -0.05, "image_per_doubling": -0.1}  # read as written then
