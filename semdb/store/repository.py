@@ -562,9 +562,9 @@ class Repository:
         ``(image_ids (m,) int64, codes (m, code_size) uint8, list_nos (m,) int64, -1 where NULL)``.
 
         Streamed: only one chunk is ever held at a time, and no Python object is made per row
-        (:meth:`_coded_pages`). ``by_row``: through the
-        driver's tuple per row instead (what the benchmarks and tests compare with). A code of another
-        length than ``code_size`` means a damaged row: ValueError.
+        (:meth:`_coded_pages`). ``by_row``: through the driver's tuple per row instead (what the
+        benchmarks and tests compare with). A code of another length than ``code_size`` means a
+        damaged row: ValueError.
         """
         dialect = self.connection.dialect.name
         if not by_row and (dialect == "postgresql" or (dialect == "sqlite" and self._sqlite_utf8())):
