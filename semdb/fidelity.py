@@ -184,7 +184,7 @@ def describe(fidelity: dict[str, Any], images: int | None = None) -> str:
         f"your images ({fidelity['held_out']:,} of them held out of training)"
     )
     extended = at_collection(fidelity, images) if images else None
-    if extended:
+    if extended and images:
         figures = " and ".join(
             f"{extended[key]:.2f} {label}"
             for key, label in (("text_to_image", "text→image"), ("image_to_image", "image→image"))
