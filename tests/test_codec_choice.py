@@ -28,7 +28,7 @@ from semdb.codecs.choice import (
 from semdb.codecs.query_weighted import QueryWeightedCodec, query_weights
 from semdb.errors import InvalidArgumentError, ModelMismatchError
 from semdb.evaluation import recall_at_k
-from semdb.fidelity import at_collection, holdout_rows, measure, report_lines
+from semdb.fidelity import at_collection, describe, fits_training_better, holdout_rows, measure, report_lines
 from semdb.vocabulary import vocabulary, vocabulary_classes
 
 
@@ -113,6 +113,15 @@ def test_fidelity_matches_an_offline_evaluation() -> None:
     four_times = report_lines(report, 6000)[1]
     assert "among all 6,000, about" in four_times and "extrapolated" not in four_times
     assert "extrapolated beyond 10× the images measured" in report_lines(report, 15001)[1]
+    # The fit on as many trained images, beside the held-out one; a codec that fits its training
+    # images far better than others gets a warning with its estimate for a larger collection.
+    trained_rows = np.setdiff1d(np.arange(len(x)), rows)
+    assert 0 < fidelity["trained_mean_cosine"] <= 1 and len(trained_rows) >= 300
+    assert fits_training_better(fidelity) is None and "further from their" not in four_times
+    overfit = {**fidelity, "mean_cosine": 0.97, "trained_mean_cosine": 0.99}
+    assert fits_training_better(overfit) == pytest.approx(3.0)
+    warned = describe(overfit, 6000)
+    assert "3.0× further from their embeddings" in warned and "further" not in describe(overfit)
     older = {key: value for key, value in fidelity.items() if not key.endswith("_by_depth")}
     assert at_collection(older, 6000) is None  # a report with neither curves nor a change per doubling
     before_curves = {**older, "text_per_doubling": -0.05, "image_per_doubling": -0.1}  # read as written then
