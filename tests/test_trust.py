@@ -335,6 +335,19 @@ def test_a_crafted_database_gets_one_line_never_a_crash(tmp_path: Path, crafting
     assert "\n" not in str(error.value) and "damaged" in str(error.value), str(error.value)
 
 
+def test_text_that_is_not_utf8_is_named_without_its_bytes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A damaged text column is named; the undecodable bytes sqlite3 quotes stay off the terminal."""
+    database = tmp_path / "db.semdb"
+    write_colour_images(tmp_path / "images", per_colour=4)
+    semdb.connect(database, encoder=FakeEncoder(), bits=16).ingest(tmp_path / "images")
+    with sqlite3.connect(database) as connection:
+        connection.execute("UPDATE codecs SET report = CAST(x'7bff00fe0a41' AS TEXT)")
+    assert main(["stats", "--db", str(database)]) == 1
+    err = capsys.readouterr().err
+    assert "is damaged: Could not decode to UTF-8 column 'report'; restore it from a backup" in err, err
+    assert err.rstrip("\n").isprintable(), repr(err)
+
+
 def test_content_pruned_by_another_writer_mid_batch_is_retried_not_a_crash(tmp_path: Path) -> None:
     from semdb.ingest import BatchWriter, CodecChoice, IngestReport
     from semdb.ingest.writer import Prepared

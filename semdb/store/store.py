@@ -336,7 +336,9 @@ class Store:
             return SemdbError(f"cannot open {self.location}: check that the file and its folder are accessible")
         # A value of the wrong type where semdb wrote another, e.g. text that is not UTF-8 in a code's place.
         if "no such table" in message or "no such column" in message or "could not decode to utf-8" in message:
-            return DatabaseDamagedError(f"{self.location} is damaged: {_first_line(str(error))}")
+            # sqlite3 quotes the undecodable bytes after "with text": garbage on the terminal, left out.
+            what = _first_line(str(error)).split(" with text ", 1)[0]
+            return DatabaseDamagedError(f"{self.location} is damaged: {what}; restore it from a backup")
         return None
 
     def _damage_message(self, fallback: str) -> str:
