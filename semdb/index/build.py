@@ -120,6 +120,21 @@ def _item_index(codec: Codec) -> Callable[[np.ndarray], CosineIndex | None] | No
     return codec.item_cosine_index if codec.has_item_path else None
 
 
+def _coded_group(
+    codec: Codec,
+    codec_id: int,
+    digest: bytes,
+    cosine: CosineIndex | None,
+    ids: np.ndarray | None,
+    fast: FastScan | None,
+    lists: np.ndarray | None,
+) -> CodedGroup:
+    """A :class:`CodedGroup` of ``codec``, with what builds its exact scans later taken from the codec."""
+    return CodedGroup(
+        codec_id, cosine, ids, fast, lists, digest, codec.search_index, make_item_index=_item_index(codec)
+    )
+
+
 def _digest(row: CodecRow) -> bytes:
     return hashlib.sha256(row.state).digest()
 
@@ -219,9 +234,7 @@ def _group(
     """A group of ``codes`` ``(n, code_size)`` of image ``ids`` ``(n,)``: the exact scan built only
     when there is no fast scan (which holds what builds it later, :meth:`CodedGroup.exact_index`)."""
     cosine = None if fast is not None else CosineIndex.build(codec.check_codes(codes), codec.search_index, norms)
-    return CodedGroup(
-        row.id, cosine, ids, fast, lists, _digest(row), codec.search_index, make_item_index=_item_index(codec)
-    )
+    return _coded_group(codec, row.id, _digest(row), cosine, ids, fast, lists)
 
 
 def _rows(lists: np.ndarray | None, mask: np.ndarray) -> np.ndarray | None:
@@ -249,16 +262,7 @@ def _apply_changes(
         lists = add_lists.astype(np.int16) if len(add_lists) and (add_lists >= 0).all() else None
         fast = fast_scan(codec, add_ids, add_codes, add_norms, lists, coarse() if lists is not None else None)
         cosine = None if fast is not None else CosineIndex.build(add_codes, codec.search_index, add_norms)
-        return CodedGroup(
-            group.codec_id,
-            cosine,
-            add_ids,
-            fast,
-            lists,
-            group.codec_digest,
-            codec.search_index,
-            make_item_index=_item_index(codec),
-        )
+        return _coded_group(codec, group.codec_id, group.codec_digest, cosine, add_ids, fast, lists)
     ids_before = group.ids
     gone = rows_of(ids_before, affected)
     keep = np.ones(len(ids_before), bool)
@@ -278,16 +282,7 @@ def _apply_changes(
         fast.add(add_ids, add_codes, add_norms, add_lists if lists_ok else None)
         # The exact scan, if one was built for an exact search, is dropped: rebuilt from the fast
         # scan when next asked for, rather than changed on every catch-up.
-        return CodedGroup(
-            group.codec_id,
-            None,
-            None,
-            fast,
-            row_lists,
-            group.codec_digest,
-            codec.search_index,
-            make_item_index=_item_index(codec),
-        )
+        return _coded_group(codec, group.codec_id, group.codec_digest, None, None, fast, row_lists)
     lists = None
     before_lists = group.lists if lists_ok else None
     if before_lists is not None:
@@ -301,16 +296,8 @@ def _apply_changes(
     cosine = group.exact_index().changed(old_to_new, added_rows, add_codes, add_norms)
     codes, norms = cosine_arrays(cosine)
     fast = fast_scan(codec, ids, codes, norms, lists, coarse() if lists is not None else None)
-    return CodedGroup(
-        group.codec_id,
-        None if fast is not None else cosine,
-        ids,
-        fast,
-        lists,
-        group.codec_digest,
-        codec.search_index,
-        make_item_index=_item_index(codec),
-    )
+    kept = None if fast is not None else cosine
+    return _coded_group(codec, group.codec_id, group.codec_digest, kept, ids, fast, lists)
 
 
 def _caught_up(
