@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import time
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,6 +35,7 @@ from codecs_cupl import generic_sample, load_cupl, protocol, split
 from semdb.codecs.choice import train_for_database
 from semdb.codecs.pqvae import unpack_indices
 from semdb.evaluation import RECALL_K, RECALL_QUERIES, recall_at_k
+from semdb.index import flat_index
 
 NEIGHBOURS = 32  # float neighbours of each fine-tuning query among its candidates
 RANDOM_CANDIDATES = 512  # random training sentences beside them
@@ -73,14 +73,10 @@ def main() -> None:
     words, centroids, latent = config.subvectors, config.codebook_size, config.latent_dim
 
     recall_queries = test[:RECALL_QUERIES]
-    truth = faiss.IndexFlatIP(test.shape[1])
-    truth.add(test)
-    _, true_top = truth.search(recall_queries, RECALL_K)
+    _, true_top = flat_index(test).search(recall_queries, RECALL_K)
 
     def recall(decoded: np.ndarray) -> float:
-        index = faiss.IndexFlatIP(decoded.shape[1])
-        index.add(unit(decoded).astype(np.float32))
-        _, found = index.search(recall_queries, RECALL_K)
+        _, found = flat_index(unit(decoded)).search(recall_queries, RECALL_K)
         return recall_at_k(true_top, found)
 
     test_words = torch.from_numpy(unpack_indices(codec.encode(test), config.codebook_bits))  # (m, M)
@@ -104,11 +100,15 @@ def main() -> None:
         print(f"the trained item decoder: 10-R@10 {recall(linear(test_words, weight, shift).numpy()):.4f}", flush=True)
 
     if args.mode == "lsq":
-        one_hot = np.zeros((len(train_words), words * centroids))
-        one_hot[np.arange(len(train_words))[:, None], (train_words + word_axis * centroids).numpy()] = 1.0
-        gram, cross = one_hot.T @ one_hot, one_hot.T @ unit(train).astype(np.float64)
-        test_hot = np.zeros((len(test_words), words * centroids))
-        test_hot[np.arange(len(test_words))[:, None], (test_words + word_axis * centroids).numpy()] = 1.0
+
+        def one_hot(indices: torch.Tensor) -> np.ndarray:
+            """Words ``(n, M)`` → ``(n, M · K)`` float64, a 1 at ``K m + word_m``."""
+            hot = np.zeros((len(indices), words * centroids))
+            hot[np.arange(len(indices))[:, None], (indices + word_axis * centroids).numpy()] = 1.0
+            return hot
+
+        train_hot, test_hot = one_hot(train_words), one_hot(test_words)
+        gram, cross = train_hot.T @ train_hot, train_hot.T @ unit(train).astype(np.float64)
         for ridge in (1e-3, 1e-1, 1.0, 10.0):
             fitted = np.linalg.solve(gram + ridge * np.diag(gram).mean() / 100 * np.eye(len(gram)), cross)
             print(f"additive, least squares, ridge {ridge:g}: 10-R@10 {recall(test_hot @ fitted):.4f}", flush=True)
@@ -117,9 +117,7 @@ def main() -> None:
     x = torch.from_numpy(unit(train).astype(np.float32))
     start = time.process_time()
     chosen = torch.randperm(len(x))[: args.neighbour_queries]
-    flat = faiss.IndexFlatIP(x.shape[1])
-    flat.add(x.numpy())
-    _, found = flat.search(x[chosen].numpy(), NEIGHBOURS)
+    _, found = flat_index(x.numpy()).search(x[chosen].numpy(), NEIGHBOURS)
     neighbours = torch.from_numpy(found)
     print(f"float neighbours of {len(chosen)} queries in {time.process_time() - start:.1f} s CPU", flush=True)
 
