@@ -269,6 +269,9 @@ def main() -> None:
             )
             codec = result.codec
             print(f"  {codec.describe()}: {result.report['why']}", file=sys.stderr)
+            held_out = result.report["fidelity"] or {}
+            figures = {key: held_out.get(key) for key in ("text_to_image", "image_to_image", "mean_cosine")}
+            print(f"  fidelity on the held-out training sentences: {json.dumps(figures)}", file=sys.stderr)
         else:
             extra = {"data_weight": args.data_weight} if args.data_weight else {}
             weighted = sample if args.query_weighted else None

@@ -13,8 +13,8 @@ chosen rate meets ``F`` offline::
 
 Data: ``fashion`` = the 10,000 Fashion-MNIST test images through the bundled model (cache of
 ``codecs_fashion.py``), queries = the vocabulary through its text tower; ``cupl`` = the 29,700
-held-out sentences of ``codecs_cupl.py``'s split 0, queries = the vocabulary less the held-out
-classes' texts, through all-MiniLM-L6-v2.
+held-out sentences of ``codecs_cupl.py``'s split 0 (``--split-seed``: another split's), queries =
+the vocabulary less the held-out classes' texts, through all-MiniLM-L6-v2.
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ from semdb.evaluation import RECALL_QUERIES, recall_at_k
 from semdb.fidelity import at_collection
 
 
-def collection(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(items (n, d), queries (c, d))`` float32 of data set ``name``."""
+def collection(name: str, split_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(items (n, d), queries (c, d))`` float32 of data set ``name`` (CuPL: of class split
+    ``split_seed``)."""
     if name == "fashion":
         from codecs_fashion import load_fashion
 
@@ -45,8 +46,8 @@ def collection(name: str) -> tuple[np.ndarray, np.ndarray]:
     from codecs_cupl import generic_sample, load_cupl, protocol, split
 
     names, sentences, labels, prompts = load_cupl()
-    _, held_out = split(labels, len(names))
-    return protocol(names, sentences, labels, prompts).test, generic_sample(names, held_out)
+    _, held_out = split(labels, len(names), split_seed)
+    return protocol(names, sentences, labels, prompts, split_seed).test, generic_sample(names, held_out)
 
 
 def offline(codec: Codec, items: np.ndarray, queries: np.ndarray, seed: int = 0) -> dict[str, float]:
@@ -76,8 +77,9 @@ def main() -> None:
     parser.add_argument("--data", choices=("fashion", "cupl"), default="fashion")
     parser.add_argument("--staged", type=int, default=10_000, help="embeddings staged before training")
     parser.add_argument("--fidelity", type=float, default=None, help="also run --bits auto with this target")
+    parser.add_argument("--split-seed", type=int, default=0, help="CuPL class split (0 is the one reported)")
     args = parser.parse_args()
-    items, vocabulary = collection(args.data)
+    items, vocabulary = collection(args.data, args.split_seed)
     items = np.ascontiguousarray(items[np.random.default_rng(1).permutation(len(items))])  # staged in any order
     staged = items[: args.staged]
 
