@@ -21,6 +21,7 @@ from semdb.codecs.choice import (
     DEFAULT_BITS,
     ITEM_TERMS,
     ITEM_TERMS_FROM_BITS,
+    SEED_CANDIDATES,
     axes_holding,
     default_codec,
     train_for_database,
@@ -68,6 +69,23 @@ def test_the_default_keeps_the_items_neighbours_from_64_bits() -> None:
         assert codec.has_item_path is (items and bool(ITEM_TERMS.get("item_decoder")))  # image queries' own decoder
         data_weight = ITEM_TERMS.get("data_weight", 0.0) if items else 0.0
         np.testing.assert_allclose(codec.weights, query_weights(q, data=x[rows], data_weight=data_weight), atol=1e-6)
+
+
+def test_the_default_below_64_bits_keeps_the_best_of_several_training_seeds() -> None:
+    x, q = broad()
+    best = train_for_database(x, codec=None, bits=32, fidelity=None, queries=lambda _: q, steps=20).report
+    tried = best["seeds_tried"]
+    assert [t["seed"] for t in tried] == list(range(SEED_CANDIDATES))
+    assert best["fidelity"]["text_to_image"] == max(t["text_to_image"] for t in tried)
+    assert f"best of {SEED_CANDIDATES} training seeds" in best["why"]
+    # One candidate trains seed 0 alone, as before, measured on the same held-out images.
+    one = train_for_database(x, codec=None, bits=32, fidelity=None, queries=lambda _: q, steps=20, seed_candidates=1)
+    assert "seeds_tried" not in one.report
+    assert one.report["fidelity"]["text_to_image"] == pytest.approx(tried[0]["text_to_image"])
+    # At 64 bits, and for a codec the user named, one seed is trained.
+    for codec, bits in ((None, ITEM_TERMS_FROM_BITS), ("pqvae-pca", 32)):
+        report = train_for_database(x, codec=codec, bits=bits, fidelity=None, queries=lambda _: q, steps=20).report
+        assert "seeds_tried" not in report
 
 
 def test_fidelity_matches_an_offline_evaluation() -> None:
