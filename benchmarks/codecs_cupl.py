@@ -232,6 +232,12 @@ def main() -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="training seed of the codecs (default 0)")
     parser.add_argument(
+        "--holdout-seed",
+        type=int,
+        help="the default's held-out sample is drawn with this seed (default: --seed); with "
+        "--seed S+i --hyper seed_candidates=1 it trains exactly candidate i of --seed S",
+    )
+    parser.add_argument(
         "--hyper",
         default="",
         help="comma-separated key=value hyper-parameters for the codecs trained (e.g. plain_weight=1,steps=200)",
@@ -265,7 +271,14 @@ def main() -> None:
         if name == "default":  # what `semdb ingest` trains: semdb.codecs.choice, the sample as its vocabulary
             assert sample is not None
             result = train_for_database(
-                train, codec=None, bits=rate, fidelity=None, queries=lambda _: sample, seed=args.seed, **hyper
+                train,
+                codec=None,
+                bits=rate,
+                fidelity=None,
+                queries=lambda _: sample,
+                seed=args.seed,
+                holdout_seed=args.holdout_seed,
+                **hyper,
             )
             codec = result.codec
             print(f"  {codec.describe()}: {result.report['why']}", file=sys.stderr)

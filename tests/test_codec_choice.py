@@ -82,6 +82,11 @@ def test_the_default_below_64_bits_keeps_the_best_of_several_training_seeds() ->
     one = train_for_database(x, codec=None, bits=32, fidelity=None, queries=lambda _: q, steps=20, seed_candidates=1)
     assert "seeds_tried" not in one.report
     assert one.report["fidelity"]["text_to_image"] == pytest.approx(tried[0]["text_to_image"])
+    # Trained alone on the same held-out sample, a later seed is that candidate.
+    second = train_for_database(
+        x, codec=None, bits=32, fidelity=None, queries=lambda _: q, steps=20, seed=1, holdout_seed=0, seed_candidates=1
+    )
+    assert second.report["fidelity"]["text_to_image"] == pytest.approx(tried[1]["text_to_image"])
     # At 64 bits, and for a codec the user named, one seed is trained.
     for codec, bits in ((None, ITEM_TERMS_FROM_BITS), ("pqvae-pca", 32)):
         report = train_for_database(x, codec=codec, bits=bits, fidelity=None, queries=lambda _: q, steps=20).report

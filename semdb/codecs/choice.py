@@ -119,6 +119,7 @@ def train_for_database(
     fidelity: float | None,
     queries: QuerySample,
     seed: int = 0,
+    holdout_seed: int | None = None,
     **hyper_parameters: Any,
 ) -> TrainedCodec:
     """Train the codec of a database on its staged ``embeddings`` ``(n, d)`` float32.
@@ -126,7 +127,10 @@ def train_for_database(
     ``codec``/``bits``: the user's choice, or None for the default (module docstring); ``fidelity``:
     with ``bits`` None, the text→image fidelity the rate must reach (``--bits auto``). A held-out
     sample (:func:`~semdb.fidelity.holdout_rows`) is left out of training and measured; the codec
-    is trained on the rest. ``hyper_parameters``: passed on to the codec (e.g. ``steps=20``).
+    is trained on the rest, from ``seed``. ``holdout_seed``: draws the held-out sample (default:
+    ``seed``); the seed candidates share it, so that training ``seed + i`` alone with
+    ``holdout_seed=seed`` reproduces candidate ``i``. ``hyper_parameters``: passed on to the codec
+    (e.g. ``steps=20``).
     """
     start = time.process_time(), time.perf_counter()
     x = as_embeddings(embeddings)
@@ -134,7 +138,7 @@ def train_for_database(
         raise InvalidArgumentError(f"--fidelity must be in (0, 1], got {fidelity}")
     if fidelity is not None and bits is not None:
         raise InvalidArgumentError("--fidelity chooses the rate: give it with --bits auto, not --bits N")
-    held_out = holdout_rows(len(x), seed)
+    held_out = holdout_rows(len(x), seed if holdout_seed is None else holdout_seed)
     train = np.delete(x, held_out, axis=0) if len(held_out) else x
     sample: list[np.ndarray] = []
     rate = bits if bits is not None else DEFAULT_BITS
