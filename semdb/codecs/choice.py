@@ -60,9 +60,9 @@ ITEM_TERMS: dict[str, float] = {"plain_weight": 10.0, "item_decoder": 1, "data_w
 ITEM_TERMS_FROM_BITS = 64
 # The default's accuracy depends on its training seed more than on any setting tried (docs/codecs.md
 # §11n). Keeping the best of three seeds by held-out text→image fidelity (``seed_candidates=3``) was
-# measured as ingest would choose, at 32 bits on six class splits, and gained 0.6 points of mAP for
-# three trainings (§11p); at 64 bits, judged by both held-out figures, it missed on item→item recall
-# (§11q). So the default trains one seed.
+# measured as ingest would choose, at 32 bits on six class splits, and gained too little mAP to pay
+# for three trainings (§11p); at 64 bits, judged by both held-out figures, it lowered mean item→item
+# recall on the test splits (§11q). So the default trains one seed.
 SEED_CANDIDATES = 1
 
 # Text queries embedded to measure fidelity when the codec is not query-weighted: a sample of the
