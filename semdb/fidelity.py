@@ -40,6 +40,8 @@ DEPTHS = RECALL_K  # agreement stored at each depth 1..DEPTHS
 # Held-out codes this many times further from their embeddings than trained ones: stats warns
 # (docs/codecs.md §11k: the one case measured over it is the one its estimate missed by .04).
 OVERFIT_RATIO = 1.5
+# The top-10 agreements a Fidelity holds, as reports name them.
+AGREEMENT_LABELS = {"text_to_image": "text→image", "image_to_image": "image→image"}
 
 
 @dataclass(frozen=True)
@@ -211,9 +213,7 @@ def describe(fidelity: dict[str, Any], images: int | None = None) -> str:
     extended = at_collection(fidelity, images) if images else None
     if extended and images:
         figures = " and ".join(
-            f"{extended[key]:.2f} {label}"
-            for key, label in (("text_to_image", "text→image"), ("image_to_image", "image→image"))
-            if key in extended
+            f"{extended[key]:.2f} {label}" for key, label in AGREEMENT_LABELS.items() if key in extended
         )
         how = "estimated from how deep the staged top-10 agree"
         if fidelity.get("image_by_depth") and images > DEPTHS * int(fidelity["searched"]):

@@ -35,7 +35,7 @@ import numpy as np
 from semdb.codecs import Codec, train_codec
 from semdb.codecs.base import as_embeddings, check_bits
 from semdb.errors import InvalidArgumentError, ModelUnavailableError
-from semdb.fidelity import HOLDOUT_SHARE, MIN_HOLDOUT, Fidelity, holdout_rows, measure
+from semdb.fidelity import AGREEMENT_LABELS, HOLDOUT_SHARE, MIN_HOLDOUT, Fidelity, holdout_rows, measure
 
 DEFAULT_BITS = 64
 LEARNED_CODEC = "pqvae-pca"  # query-weighted
@@ -164,11 +164,13 @@ def train_for_database(
                 sample.append(np.zeros((0, x.shape[1]), np.float32))
         return sample[0]
 
-    # id(codec) → (the codec, kept alive so that its id is not reused; its fidelity), where fit measured it
-    measured_of: dict[int, tuple[Codec, Fidelity | None]] = {}
     seeds_tried: list[dict[str, Any]] = []
 
-    def fit(rate: int) -> Codec:
+    def with_fidelity(trained: Codec) -> tuple[Codec, Fidelity | None]:
+        return trained, measure(trained, x, held_out, query_sample()) if len(held_out) else None
+
+    def fit(rate: int) -> tuple[Codec, Fidelity | None]:
+        """The codec trained at ``rate``, and its fidelity on the held-out rows (None without any)."""
         weights = query_sample() if weighted else None
         learned = weighted and name == LEARNED_CODEC
         item_terms = ITEM_TERMS if learned and rate >= ITEM_TERMS_FROM_BITS else {}
@@ -183,46 +185,39 @@ def train_for_database(
                 "seed_candidates chooses among seeds of the query-weighted default at a fixed rate: "
                 "drop it, or train the default with --bits N"
             )
-        if not ((residual_bits or refit) and learned):
-            if candidates <= 1 or not len(held_out):
-                return train_codec(name, train, check_bits(rate), seed=seed, queries=weights, **settings)
-            best: tuple[float, Codec] | None = None
-            for candidate in range(seed, seed + candidates):
-                trained = train_codec(name, train, check_bits(rate), seed=candidate, queries=weights, **settings)
-                measured = fidelity_of(trained)
-                measured_of[id(trained)] = trained, measured
-                assert measured is not None  # held_out is not empty
-                figures = {"text_to_image": measured.text_to_image, "image_to_image": measured.image_to_image}
-                seeds_tried.append({"seed": candidate, **figures})
-                score = _seed_score(measured, rate)
-                if best is None or score > best[0]:
-                    best = score, trained
-            assert best is not None
-            return best[1]
-        from semdb.codecs.rate_split import RateSplitCodec
+        if (residual_bits or refit) and learned:
+            from semdb.codecs.rate_split import RateSplitCodec
 
-        primary = train_codec(name, train, check_bits(rate - residual_bits), seed=seed, queries=weights, **settings)
-        return RateSplitCodec.train(
-            train, rate, seed, primary=primary, residual_dims=residual_dims, refit=refit, items_only=items_only
-        )
-
-    def fidelity_of(trained: Codec) -> Fidelity | None:
-        if id(trained) in measured_of:
-            return measured_of[id(trained)][1]
-        return measure(trained, x, held_out, query_sample()) if len(held_out) else None
+            primary = train_codec(name, train, check_bits(rate - residual_bits), seed=seed, queries=weights, **settings)
+            return with_fidelity(
+                RateSplitCodec.train(
+                    train, rate, seed, primary=primary, residual_dims=residual_dims, refit=refit, items_only=items_only
+                )
+            )
+        if candidates <= 1 or not len(held_out):
+            return with_fidelity(train_codec(name, train, check_bits(rate), seed=seed, queries=weights, **settings))
+        results = []
+        for candidate in range(seed, seed + candidates):
+            trained, figures = with_fidelity(
+                train_codec(name, train, check_bits(rate), seed=candidate, queries=weights, **settings)
+            )
+            assert figures is not None  # held_out is not empty
+            seeds_tried.append({"seed": candidate, **{key: getattr(figures, key) for key in AGREEMENT_LABELS}})
+            results.append((_seed_score(figures, rate), trained, figures))
+        _, trained, figures = max(results, key=lambda result: result[0])  # max keeps the first of equals
+        return trained, figures
 
     tried: list[dict[str, Any]] = []
     if fidelity is None:
-        trained = fit(rate)
-        measured = fidelity_of(trained)
+        trained, measured_fidelity = fit(rate)
     else:
         if not len(held_out):
             raise InvalidArgumentError(
                 f"--bits auto needs at least {MIN_HOLDOUT * HOLDOUT_SHARE} images staged to measure fidelity on; "
                 "give --bits N"
             )
-        trained, measured = _smallest_rate(fit, fidelity_of, fidelity, x.shape[1], tried)
-        met = measured is not None and _score(measured) >= fidelity
+        trained, measured_fidelity = _smallest_rate(fit, fidelity, x.shape[1], tried)
+        met = measured_fidelity is not None and _score(measured_fidelity) >= fidelity
         why += (
             f"; rate: the smallest of {', '.join(map(str, AUTO_RATES))} whose text→image fidelity ≥ {fidelity}"
             if met
@@ -236,37 +231,36 @@ def train_for_database(
         "why": why,
         "trained_on": len(train),
         "query_sample": len(sample[0]) if sample else 0,
-        "fidelity": measured.to_dict() if measured else None,
+        "fidelity": measured_fidelity.to_dict() if measured_fidelity else None,
         "train_cpu_seconds": round(time.process_time() - start[0], 2),
         "train_wall_seconds": round(time.perf_counter() - start[1], 2),
     }
     if tried:
         report["rates_tried"] = tried
     if seeds_tried:
-        by = "text→image" if trained.bits_per_image < ITEM_TERMS_FROM_BITS else "text→image + image→image"
+        by = " + ".join(AGREEMENT_LABELS[key] for key in _seed_judged_by(trained.bits_per_image))
         report["why"] += f"; the best of {len(seeds_tried)} training seeds by {by} fidelity on the held-out images"
         report["seeds_tried"] = seeds_tried
     return TrainedCodec(trained, report)
 
 
 def _smallest_rate(
-    fit: Callable[[int], Codec],
-    fidelity_of: Callable[[Codec], Fidelity | None],
+    fit: Callable[[int], tuple[Codec, Fidelity | None]],
     target: float,
     dim: int,
     tried: list[dict[str, Any]],
 ) -> tuple[Codec, Fidelity | None]:
     """Bisect :data:`AUTO_RATES` (those a ``dim``-d embedding allows) for the smallest rate whose
     text→image fidelity (image→image without queries) reaches ``target``; the largest if none does.
-    Assumes fidelity grows with the rate, as measured (``docs/codecs.md`` §11)."""
+    ``fit(rate)``: the codec trained at ``rate`` and its measured fidelity. Assumes fidelity grows
+    with the rate, as measured (``docs/codecs.md`` §11)."""
     rates = [rate for rate in AUTO_RATES if rate <= 4 * dim] or [AUTO_RATES[0]]  # pqvae-pca: 4 bits per axis at most
     results: dict[int, tuple[Codec, Fidelity | None]] = {}
 
     def score(index: int) -> float:
         rate = rates[index]
         if rate not in results:
-            trained = fit(rate)
-            results[rate] = trained, fidelity_of(trained)
+            results[rate] = fit(rate)
             measured = results[rate][1]
             tried.append({"bits_per_image": rate, **(measured.to_dict() if measured else {})})
         measured = results[rate][1]
@@ -284,14 +278,16 @@ def _smallest_rate(
     return results[rates[low]]
 
 
-def _seed_score(measured: Fidelity, rate: int) -> float:
-    """How ``seed_candidates`` judges a training seed at ``rate``: text→image agreement, plus
-    image→image agreement where image queries have a decoder of their own (from
+def _seed_judged_by(rate: int) -> tuple[str, ...]:
+    """The held-out agreements ``seed_candidates`` sums to judge a training seed at ``rate``:
+    text→image, and image→image too where image queries have a decoder of their own (from
     :data:`ITEM_TERMS_FROM_BITS`, docs/codecs.md §11q)."""
-    score = _score(measured)
-    if rate >= ITEM_TERMS_FROM_BITS and measured.text_to_image is not None:
-        score += measured.image_to_image
-    return score
+    return tuple(AGREEMENT_LABELS) if rate >= ITEM_TERMS_FROM_BITS else ("text_to_image",)
+
+
+def _seed_score(measured: Fidelity, rate: int) -> float:
+    """The sum of :func:`_seed_judged_by`'s agreements (a query-weighted codec always has text→image)."""
+    return sum(getattr(measured, key) or 0.0 for key in _seed_judged_by(rate))
 
 
 def _score(measured: Fidelity) -> float:
