@@ -12,6 +12,7 @@ fidelity on the collection it was trained on). ``semdb codec export FILE --db DB
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -54,10 +55,21 @@ def write_codec_file(path: str | os.PathLike[str], codec: Codec, *, model: str, 
         "model": model,
         "report": json.dumps(report),
     }
+    if target.is_dir():
+        raise InvalidArgumentError(f"{target} is a folder; give a file name, e.g. {target / 'codec.safetensors'}")
+    if not os.access(target.parent, os.W_OK):
+        raise InvalidArgumentError(f"cannot write codec file {target}: the folder {target.parent} is not writable")
     temporary = target.with_name(f".{target.name}.tmp")
-    save_file({"state": np.frombuffer(codec.to_bytes(), dtype=np.uint8).copy()}, str(temporary), metadata=metadata)
-    os.chmod(temporary, 0o644)  # a file to hand on: readable like any other (safetensors writes it 0600)
-    temporary.replace(target)
+    try:
+        state = np.frombuffer(codec.to_bytes(), dtype=np.uint8).copy()
+        save_file({"state": state}, str(temporary), metadata=metadata)
+        os.chmod(temporary, 0o644)  # a file to hand on: readable like any other (safetensors writes it 0600)
+        temporary.replace(target)
+    except (OSError, SafetensorError) as error:  # a full disk, a folder gone read-only meanwhile
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise InvalidArgumentError(f"cannot write codec file {target}: {reason}") from None
 
 
 def read_codec_file(path: str | os.PathLike[str], *, model: str, dim: int) -> TrainedCodec:
@@ -65,6 +77,8 @@ def read_codec_file(path: str | os.PathLike[str], *, model: str, dim: int) -> Tr
     ``model`` (``dim``-d embeddings). Its report marks the fidelity as measured on its calibration
     set, not on the collection it will code."""
     name = os.fspath(path)
+    if os.path.isdir(name):
+        raise InvalidArgumentError(f"{name} is a folder; give the codec file (written by `semdb codec export FILE`)")
     try:
         size = os.path.getsize(name)
     except OSError as error:

@@ -8,6 +8,7 @@ does not depend on how well it is tuned.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import faiss
@@ -16,7 +17,7 @@ import pytest
 from conftest import broad_embeddings
 
 from semdb.codec_file import read_codec_file, write_codec_file
-from semdb.codecs import CodecStateError
+from semdb.codecs import CodecStateError, train_codec
 from semdb.codecs.choice import (
     DEFAULT_BITS,
     ITEM_TERMS,
@@ -302,3 +303,36 @@ def test_a_fidelity_out_of_range_is_named_as_such(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="--bits auto, not --bits N"):
         semdb.connect(tmp_path / "y.semdb", encoder=FakeEncoder(), bits=64).ingest(tmp_path, fidelity=0.9)
     assert not (tmp_path / "x.semdb").exists() and not (tmp_path / "y.semdb").exists()
+
+
+WRITE_INTO_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_codec_choice import broad
+from semdb.codec_file import write_codec_file
+from semdb.codecs import train_codec
+from semdb.errors import InvalidArgumentError
+x, _ = broad()
+try:
+    write_codec_file(sys.argv[1], train_codec("pq", x, 32), model="fake-encoder", report={})
+except InvalidArgumentError as error:
+    print("refused:", error)
+"""
+
+
+def test_a_codec_file_that_cannot_be_written_or_read_is_one_clear_error(tmp_path: Path) -> None:
+    from test_trust import run_on_read_only_folder
+
+    x, _ = broad()
+    codec = train_codec("pq", x, 32)
+    with pytest.raises(InvalidArgumentError, match="is a folder; give a file name"):
+        write_codec_file(tmp_path, codec, model="fake-encoder", report={})
+    with pytest.raises(InvalidArgumentError, match="is a folder; give the codec file"):
+        read_codec_file(tmp_path, model="fake-encoder", dim=64)
+    folder = tmp_path / "shipped"
+    folder.mkdir()
+    command = [sys.executable, "-c", WRITE_INTO_SCRIPT, str(folder / "c.codec"), str(Path(__file__).parent)]
+    result = run_on_read_only_folder(folder, command)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.startswith("refused: cannot write codec file") and "not writable" in result.stdout
+    assert list(folder.iterdir()) == []  # nothing half-written left behind
