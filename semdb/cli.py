@@ -147,8 +147,8 @@ def _add_ingest(subparsers: Any) -> None:
         "--model",
         default=None,
         metavar="SPEC",
-        help=f"ARCH:TAG, ARCH:/path/checkpoint or {BUNDLED_MODEL} (default for a new database: {DEFAULT_MODEL}; "
-        "an existing database keeps its own)",
+        help=f"ARCH:TAG, ARCH:/path/checkpoint or {BUNDLED_MODEL} (default for a new database: {DEFAULT_MODEL}, "
+        "or with --codec-file the model the file was made for; an existing database keeps its own)",
     )
     parser.add_argument(
         "--codec",

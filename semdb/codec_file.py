@@ -72,29 +72,22 @@ def write_codec_file(path: str | os.PathLike[str], codec: Codec, *, model: str, 
         raise InvalidArgumentError(f"cannot write codec file {target}: {reason}") from None
 
 
+def codec_file_model(path: str | os.PathLike[str]) -> str:
+    """The spec of the model whose embeddings the codec file ``path`` codes (its header; one-line
+    errors as :func:`read_codec_file`)."""
+    metadata, _ = _read(os.fspath(path))
+    model = metadata.get("model")
+    if not model:
+        raise CodecStateError(f"{os.fspath(path)} is damaged: it names no model")
+    return model
+
+
 def read_codec_file(path: str | os.PathLike[str], *, model: str, dim: int) -> TrainedCodec:
     """The codec in ``path``, refused with a one-line error unless it is a semdb codec file made for
     ``model`` (``dim``-d embeddings). Its report marks the fidelity as measured on its calibration
     set, not on the collection it will code."""
     name = os.fspath(path)
-    if os.path.isdir(name):
-        raise InvalidArgumentError(f"{name} is a folder; give the codec file (written by `semdb codec export FILE`)")
-    try:
-        size = os.path.getsize(name)
-    except OSError as error:
-        raise InvalidArgumentError(f"cannot read codec file {name}: {error.strerror or error}") from None
-    if size > MAX_STATE_BYTES + 2**20:
-        raise CodecStateError(f"{name} is {size} bytes, too large for a semdb codec file")
-    try:
-        with safe_open(name, framework="numpy") as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT or list(handle.keys()) != ["state"]:
-                raise CodecStateError(f"{name} is not a semdb codec file (no {FORMAT} header)")
-            state = handle.get_tensor("state")
-    except SafetensorError as error:
-        raise CodecStateError(f"{name} is not a semdb codec file: {str(error).splitlines()[0][:200]}") from None
-    except OSError as error:
-        raise InvalidArgumentError(f"cannot read codec file {name}: {error.strerror or error}") from None
+    metadata, state = _read(name)
     if metadata.get("model") != model:
         raise ModelMismatchError(
             f"codec file {name} was made for model {metadata.get('model')!r}, not {model!r}: use a codec made for "
@@ -116,6 +109,29 @@ def read_codec_file(path: str | os.PathLike[str], *, model: str, dim: int) -> Tr
         "trained_on_calibration": report.get("trained_on"),
     }
     return TrainedCodec(codec, installed)
+
+
+def _read(name: str) -> tuple[dict[str, str], np.ndarray]:
+    """The header and state tensor of codec file ``name``, or a one-line error saying why not."""
+    if os.path.isdir(name):
+        raise InvalidArgumentError(f"{name} is a folder; give the codec file (written by `semdb codec export FILE`)")
+    try:
+        size = os.path.getsize(name)
+    except OSError as error:
+        raise InvalidArgumentError(f"cannot read codec file {name}: {error.strerror or error}") from None
+    if size > MAX_STATE_BYTES + 2**20:
+        raise CodecStateError(f"{name} is {size} bytes, too large for a semdb codec file")
+    try:
+        with safe_open(name, framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT or list(handle.keys()) != ["state"]:
+                raise CodecStateError(f"{name} is not a semdb codec file (no {FORMAT} header)")
+            state = handle.get_tensor("state")
+    except SafetensorError as error:
+        raise CodecStateError(f"{name} is not a semdb codec file: {str(error).splitlines()[0][:200]}") from None
+    except OSError as error:
+        raise InvalidArgumentError(f"cannot read codec file {name}: {error.strerror or error}") from None
+    return metadata, state
 
 
 def _int(name: str, metadata: dict[str, str], key: str) -> int:

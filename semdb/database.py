@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from semdb.codec_file import parse_report, read_codec_file, write_codec_file
+from semdb.codec_file import codec_file_model, parse_report, read_codec_file, write_codec_file
 from semdb.codecs import Codec, codec_class, load_codec
 from semdb.codecs.base import check_bits
 from semdb.codecs.choice import TrainedCodec, train_for_database
@@ -299,6 +299,13 @@ class Database:
         # it is loaded (and its dimension checked) when the first one is found, so that a run over
         # unchanged files never loads it. A new database, a codec file or Ray need it now.
         recorded_dim = self._recorded_dim()
+        if (
+            codec_file is not None
+            and self._encoder is None
+            and self._wanted["model"] is None
+            and self.setting("model") is None
+        ):
+            self._wanted["model"] = codec_file_model(codec_file)  # a new database takes its codec file's model
         deferred = self._encoder is None and recorded_dim is not None and codec_file is None and ray is False
         encoder = None if deferred else self.encoder
         spec, dim = (self.model_spec, recorded_dim) if encoder is None else (encoder.spec, encoder.dim)

@@ -270,6 +270,10 @@ def test_cli_shows_the_choice_exports_and_refuses_mistakes(tmp_path: Path, tiny_
     codec_file = str(tmp_path / "a.codec")
     exported = run_semdb("codec", "export", codec_file, "--db", db)
     assert exported.returncode == 0 and "wrote pq codec at 64 bits/image" in exported.stdout, exported.stderr
+    coded = str(tmp_path / "coded.semdb")  # no --model: a new database takes the codec file's model
+    from_file = run_semdb("ingest", str(images), "--db", coded, "--codec-file", codec_file, "--json")
+    assert from_file.returncode == 0, from_file.stderr
+    assert json.loads(from_file.stdout)["database"]["model"] == tiny_model_spec
     fresh = str(tmp_path / "b.semdb")
     assert_one_line_error(
         run_semdb("ingest", str(images), "--db", fresh, "--codec-file", codec_file, "--model", "tiny-fashion"),
