@@ -99,6 +99,9 @@ def test_seed_candidates_keep_the_seed_with_the_best_held_out_fidelity() -> None
     # A codec the user named trains as given: several seeds are refused, not ignored.
     with pytest.raises(InvalidArgumentError, match="seed_candidates"):
         at_32_bits("pqvae-pca", seed_candidates=3)
+    # So does the experimental rate split, which trains one seed.
+    with pytest.raises(InvalidArgumentError, match="seed_candidates"):
+        at_32_bits(seed_candidates=3, residual_bits=8)
 
 
 def test_fidelity_matches_an_offline_evaluation() -> None:

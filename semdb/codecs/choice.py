@@ -186,6 +186,8 @@ def train_for_database(
                 "drop it, or train the default with --bits N"
             )
         if (residual_bits or refit) and learned:
+            if candidates > 1:
+                raise InvalidArgumentError("seed_candidates is not supported with residual_bits or refit: drop one")
             from semdb.codecs.rate_split import RateSplitCodec
 
             primary = train_codec(name, train, check_bits(rate - residual_bits), seed=seed, queries=weights, **settings)
