@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from semdb.arguments import image_id as checked_image_id
+from semdb.arguments import whole_number
 from semdb.codec_file import codec_file_model, parse_report, read_codec_file, write_codec_file
 from semdb.codecs import Codec, codec_class, load_codec
 from semdb.codecs.base import check_bits
@@ -527,8 +529,7 @@ class Database:
         """
         if nprobe is not None and nprobe < 1:
             raise InvalidArgumentError(f"nprobe must be at least 1, got {nprobe}")
-        if k < 1:
-            raise InvalidArgumentError(f"k must be at least 1, got {k}")
+        k = whole_number(k, "k (results per query)", low=1)
         index = self.index()
         if index.size == 0 or self._store is None:
             raise NotReadyError(f"database {self.location} has no searchable images yet; run `semdb ingest` first")
@@ -544,7 +545,8 @@ class Database:
             paths = repository.image_paths(int(i) for i in ids.ravel() if i >= 0)
         return [
             [
-                SearchResult(int(image_id), paths[int(image_id)], float(score))
+                # Rounding in float32 can put a cosine a hair beyond ±1 (a code shared by two images).
+                SearchResult(int(image_id), paths[int(image_id)], max(-1.0, min(1.0, float(score))))
                 for score, image_id in zip(row_scores, row_ids, strict=True)
                 if image_id >= 0 and int(image_id) in paths
             ]
@@ -590,11 +592,10 @@ class Database:
         The keyword filters are those of :class:`semdb.query.Query`, which this builds; the text is
         taken literally (use :meth:`query` for the ``+``/``-`` query language).
         """
-        if not query.strip():
-            raise InvalidArgumentError("empty query: give some text to search for")
         from semdb.query import Query
 
-        folders = [under] if isinstance(under, str | os.PathLike) else list(under)
+        # One folder (a str or a path), several, or None: what Query.under is given is checked there.
+        folders: list[Any] = list(under) if isinstance(under, list | tuple) else [under] if under else []
         built = Query(database=self).text(query).limit(k).offset(offset).under(*folders).exact(exact)
         if modified_after is not None or modified_before is not None:
             built = built.modified(modified_after, modified_before)
@@ -604,11 +605,12 @@ class Database:
             built = built.min_score(min_score)
         return built.results()
 
-    def search_image(self, path: str | os.PathLike[str], k: int = 10, *, exact: bool = False) -> list[SearchResult]:
-        """Image → the ``k`` most similar images, best first (``exact``: see :meth:`search_vectors`)."""
-        self._check_model()
-        image = load_image(path)
-        return self.search_vectors(self.encoder.encode_images([image]), k, exact=exact, image_queries=True)[0]
+    def search_image(
+        self, image: str | os.PathLike[str] | Image.Image, k: int = 10, *, exact: bool = False
+    ) -> list[SearchResult]:
+        """Image (a file path or a decoded PIL image) → the ``k`` most similar images, best first
+        (``exact``: see :meth:`search_vectors`)."""
+        return self.search_vectors(self.image_vector(image)[None, :], k, exact=exact, image_queries=True)[0]
 
     # --- issue 13: the query type, and what it needs of the database ----------------------------
 
@@ -638,6 +640,10 @@ class Database:
 
     def image_vector(self, image: str | os.PathLike[str] | Image.Image) -> np.ndarray:
         """The model's ``(d,)`` float32 embedding of an image file or a decoded PIL image."""
+        from PIL import Image
+
+        if not isinstance(image, str | os.PathLike | Image.Image):
+            raise InvalidArgumentError(f"an image is a file path or a PIL image, got {type(image).__name__}")
         self._check_model()
         picture = load_image(image) if isinstance(image, str | os.PathLike) else image
         return np.asarray(self.encoder.encode_images([picture])[0], dtype=np.float32)
@@ -648,7 +654,7 @@ class Database:
         if self._store is None:
             raise NotReadyError(f"database {self.location} is empty; run `semdb ingest PATH --db {self.location}`")
         with self._store.reading() as repository:
-            source = repository.stored_vector_source(int(image_id))
+            source = repository.stored_vector_source(checked_image_id(image_id))
             dim = repository.int_setting("dim", 0) or 0
             row = repository.codec(source[0]) if source is not None and source[0] is not None else None
         if source is None:

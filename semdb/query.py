@@ -37,6 +37,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from semdb.arguments import MAX_INTEGER, real_number, whole_number
+from semdb.arguments import image_id as checked_image_id
 from semdb.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 TermKind = Literal["text", "image", "id", "vector"]
 MAX_LIMIT = 1000
 MAX_TERMS = 16
+MAX_FOLDERS = 64  # each folder is a range test in SQL; SQLite refuses expressions nested 1,000 deep
 _WEIGHT = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*:\s*(.*)$", re.DOTALL)
 _OPERATOR = re.compile(r"\s+([+-])\s+")
 _IMAGE_ID = re.compile(r"^id:(\d+)$")
@@ -135,28 +138,43 @@ class Query:
 
     def text(self, text: str, weight: float = 1.0) -> Query:
         """Add a text term."""
+        if not isinstance(text, str):
+            raise InvalidArgumentError(f"a text query is a str, got {type(text).__name__}: {text!r:.60}")
         if not text.strip():
             raise InvalidArgumentError("empty query: give some text to search for")
-        return self._with(Term("text", text, float(weight)))
+        return self._with(Term("text", text, real_number(weight, "a term's weight")))
 
     def image(self, image: str | os.PathLike[str] | Image.Image, weight: float = 1.0) -> Query:
         """Add an image term: a file path, or an already decoded PIL image (an upload)."""
+        from PIL import Image
+
+        if not isinstance(image, str | os.PathLike | Image.Image):
+            raise InvalidArgumentError(f"an image term is a file path or a PIL image, got {type(image).__name__}")
         value = os.fspath(image) if isinstance(image, str | os.PathLike) else image
-        return self._with(Term("image", value, float(weight)))
+        return self._with(Term("image", value, real_number(weight, "a term's weight")))
 
     def like(self, image_id: int, weight: float = 1.0) -> Query:
         """Add the database's image ``image_id`` ("more like this"), by its stored code."""
-        return self._with(Term("id", int(image_id), float(weight)))
+        return self._with(Term("id", checked_image_id(image_id), real_number(weight, "a term's weight")))
 
     def vector(self, vector: np.ndarray, weight: float = 1.0) -> Query:
         """Add a ready-made embedding ``(d,)`` float32 (normalised here)."""
-        array = np.asarray(vector, dtype=np.float32).ravel()
+        try:
+            array = np.asarray(vector, dtype=np.float32)
+        except (TypeError, ValueError):
+            raise InvalidArgumentError(f"a query vector is an array of numbers, got {type(vector).__name__}") from None
+        if array.ndim == 2 and array.shape[0] == 1:
+            array = array[0]
+        if array.ndim != 1:
+            raise InvalidArgumentError(f"a query vector is one (d,) embedding, got shape {array.shape}")
         if not np.isfinite(array).all() or not np.linalg.norm(array) > 0:
             raise InvalidArgumentError("a query vector must be finite and non-zero")
-        return self._with(Term("vector", array, float(weight)))
+        return self._with(Term("vector", array, real_number(weight, "a term's weight")))
 
     def parse(self, expression: str, *, allow_paths: bool = True) -> Query:
         """Add the terms of a query string (see :func:`parse_terms`)."""
+        if not isinstance(expression, str):
+            raise InvalidArgumentError(f"a query is a str, got {type(expression).__name__}: {expression!r:.60}")
         query = self
         for term in parse_terms(expression, allow_paths=allow_paths):
             query = query._with(term)
@@ -169,7 +187,12 @@ class Query:
 
     def under(self, *folders: str | os.PathLike[str]) -> Query:
         """Only images in one of ``folders`` (at any depth); ``~`` is expanded."""
+        for folder in folders:
+            if not isinstance(folder, str | os.PathLike):
+                raise InvalidArgumentError(f"a folder to search under is a path, got {type(folder).__name__}")
         resolved = tuple(os.path.abspath(os.path.expanduser(os.fspath(folder))) for folder in folders if folder)
+        if len(self.filters.under) + len(resolved) > MAX_FOLDERS:
+            raise InvalidArgumentError(f"search under at most {MAX_FOLDERS} folders at once: give their parent instead")
         return self._filter(under=(*self.filters.under, *resolved))
 
     def modified(self, after: str | date | None = None, before: str | date | None = None) -> Query:
@@ -183,28 +206,26 @@ class Query:
 
     def min_size(self, width: int | None = None, height: int | None = None) -> Query:
         """Only images at least ``width`` pixels wide and ``height`` high."""
-        for name, value in (("width", width), ("height", height)):
-            if value is not None and value < 1:
-                raise InvalidArgumentError(f"minimum {name} must be at least 1 pixel, got {value}")
-        return self._filter(min_width=width, min_height=height)
+        checked = [
+            None if value is None else whole_number(value, f"the minimum {name} in pixels", low=1)
+            for name, value in (("width", width), ("height", height))
+        ]
+        return self._filter(min_width=checked[0], min_height=checked[1])
 
     def min_score(self, score: float) -> Query:
         """Only hits scoring at least ``score`` (cosine, −1..1)."""
-        if not -1.0 <= float(score) <= 1.0:
+        cut = real_number(score, "a score threshold")
+        if not -1.0 <= cut <= 1.0:
             raise InvalidArgumentError(f"a score threshold is a cosine between -1 and 1, got {score}")
-        return self._filter(min_score=float(score))
+        return self._filter(min_score=cut)
 
     def limit(self, k: int) -> Query:
         """At most ``k`` results (1..:data:`MAX_LIMIT`)."""
-        if not 1 <= k <= MAX_LIMIT:
-            raise InvalidArgumentError(f"limit must be between 1 and {MAX_LIMIT}, got {k}")
-        return dataclasses.replace(self, k=int(k))
+        return dataclasses.replace(self, k=whole_number(k, "the limit (results per page)", low=1, high=MAX_LIMIT))
 
     def offset(self, start: int) -> Query:
         """Skip the ``start`` best results (the next page)."""
-        if start < 0 or start > 100 * MAX_LIMIT:
-            raise InvalidArgumentError(f"offset must be between 0 and {100 * MAX_LIMIT}, got {start}")
-        return dataclasses.replace(self, start=int(start))
+        return dataclasses.replace(self, start=whole_number(start, "the offset", low=0, high=100 * MAX_LIMIT))
 
     def exact(self, exhaustive: bool = True) -> Query:
         """Ask the index for an exhaustive scan (approximate indexes otherwise probe a few lists)."""
@@ -235,12 +256,10 @@ def as_datetime(value: str | date, name: str, *, end_of_day: bool = False) -> da
     """An ISO date or datetime (naive: local time) → aware datetime; a bare date as ``before`` with
     ``end_of_day`` is the next midnight, so that the day itself is included."""
     if isinstance(value, datetime):
-        moment = value
+        moment, whole_day = value, False
     elif isinstance(value, date):
-        moment = datetime(value.year, value.month, value.day)
-        if end_of_day:
-            moment += timedelta(days=1)
-    else:
+        moment, whole_day = datetime(value.year, value.month, value.day), True
+    elif isinstance(value, str):
         text = value.strip()
         try:
             moment = datetime.fromisoformat(text)
@@ -248,9 +267,17 @@ def as_datetime(value: str | date, name: str, *, end_of_day: bool = False) -> da
             raise InvalidArgumentError(
                 f"modified {name} {value!r} is not a date: use YYYY-MM-DD or YYYY-MM-DDTHH:MM"
             ) from None
-        if end_of_day and len(text) == 10:
-            moment += timedelta(days=1)
-    return moment if moment.tzinfo is not None else moment.astimezone()
+        whole_day = len(text) == 10
+    else:
+        raise InvalidArgumentError(f"modified {name} is a date (YYYY-MM-DD or a date object), got {value!r}")
+    try:
+        if end_of_day and whole_day:
+            # The next midnight; the last day there is (9999-12-31) ends at its last microsecond.
+            last_day = moment.date() == date.max
+            moment = datetime.combine(moment, datetime.max.time()) if last_day else moment + timedelta(days=1)
+        return moment if moment.tzinfo is not None else moment.astimezone()
+    except (OverflowError, ValueError, OSError):  # astimezone of a date at either end of the calendar
+        raise InvalidArgumentError(f"modified {name} {value!r} is out of the range of file times") from None
 
 
 def parse_terms(expression: str, *, allow_paths: bool = True) -> list[Term]:
@@ -265,11 +292,14 @@ def parse_terms(expression: str, *, allow_paths: bool = True) -> list[Term]:
     # split() gives [first, sign, term, sign, term, ...]; the first term has an implied "+".
     signed = [("+", pieces[0]), *zip(pieces[1::2], pieces[2::2], strict=True)]
     terms = []
-    for sign, raw in signed:
+    for index, (sign, raw) in enumerate(signed):
         text = raw.strip()
         if not text:
             if sign == "-" or len(signed) > 1:
-                raise InvalidArgumentError(f"query {expression!r} has an empty term around {sign!r}")
+                # The first term's sign is implied: name the operator that stands next to it.
+                operator = sign if index else signed[1][0]
+                hint = " (a query cannot start with '-': write 'dress - red')" if operator == "-" and not index else ""
+                raise InvalidArgumentError(f"query {expression!r} has an empty term around {operator!r}{hint}")
             continue
         weight = 1.0
         match = _WEIGHT.match(text)
@@ -346,7 +376,11 @@ def allowed_ids(database: Database, filters: Filters) -> np.ndarray | None:
 
 
 def _ns(moment: datetime | None) -> int | None:
-    return None if moment is None else round(moment.timestamp() * 1e9)
+    """Nanoseconds since the epoch, as file times are stored; clamped to 64 bits (years 1677–2262),
+    beyond which no file time lies, so that a bound at either end of the calendar means "no bound"."""
+    if moment is None:
+        return None
+    return max(-MAX_INTEGER - 1, min(MAX_INTEGER, round(moment.timestamp() * 1e9)))
 
 
 def run(database: Database, query: Query) -> ResultPage:

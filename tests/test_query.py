@@ -158,6 +158,8 @@ def test_query_strings_parse_as_documented(tmp_path: Path) -> None:
     for bad in ("", "   ", "red + ", "- red", "0:red", "2:"):
         with pytest.raises(InvalidArgumentError):
             parse_terms(bad)
+    with pytest.raises(InvalidArgumentError, match=r"around '-' \(a query cannot start with '-'"):
+        parse_terms("- red")
     assert Query().parse("red - 0.5:blue").describe() == "“red” - 0.5 × “blue”"
     with pytest.raises(InvalidArgumentError, match="no database"):
         Query().text("red").results()
@@ -186,3 +188,39 @@ def test_restricted_cosine_index_matches_brute_force_over_the_subset() -> None:
     expected = np.argsort(-cosines, axis=1)[:, :20]
     np.testing.assert_array_equal(rows, expected)
     np.testing.assert_allclose(scores, np.take_along_axis(cosines, expected, axis=1), rtol=1e-5)
+
+
+def test_arguments_of_the_wrong_type_or_size_are_one_line_errors(
+    two_folders: tuple[semdb.Database, Path, Path, FakeEncoder],
+) -> None:
+    db, a, _, _ = two_folders
+    for call, fragment in (
+        (lambda: db.search("red", k="5"), "whole number"),  # type: ignore[arg-type]
+        (lambda: db.search("red", k=2.5), "whole number"),  # type: ignore[arg-type]
+        (lambda: db.search("red", k=True), "whole number"),
+        (lambda: db.search(None), "a text query is a str"),  # type: ignore[arg-type]
+        (lambda: db.search(b"red"), "got bytes"),  # type: ignore[arg-type]
+        (lambda: db.search("red", under=123), "is a path"),  # type: ignore[arg-type]
+        (lambda: db.search("red", min_width="a"), "whole number"),  # type: ignore[arg-type]
+        (lambda: db.search("red", min_width=2**70), "between 1 and"),
+        (lambda: db.search("red", min_score="high"), "finite number"),  # type: ignore[arg-type]
+        (lambda: db.search("red", modified_after=2020), "is a date"),  # type: ignore[arg-type]
+        (lambda: db.search("red", offset=2.5), "whole number"),  # type: ignore[arg-type]
+        (lambda: db.query().like(2**70).results(), "no image with id"),
+        (lambda: db.query().like(5.7), "whole number"),  # type: ignore[arg-type]
+        (lambda: db.query("id:99999999999999999999").results(), "no image with id"),
+        (lambda: db.query().text("red", weight="2"), "finite number"),  # type: ignore[arg-type]
+        (lambda: db.query().vector(np.ones((2, 8))), r"one \(d,\) embedding, got shape \(2, 8\)"),
+        (lambda: db.query().image(42), "file path or a PIL image"),  # type: ignore[arg-type]
+        (lambda: db.query().under(*[f"/x{i}" for i in range(100)]), "at most"),
+        (lambda: db.search_vectors(np.ones((1, 32), np.float32), k=2.5), "whole number"),  # type: ignore[arg-type]
+        (lambda: db.search_vectors(np.ones((1, 32), np.float32), allowed=np.array([1.0])), "float64"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=fragment):
+            call()
+    # What is well-formed keeps working: no folder filter, either end of the calendar, a decoded image.
+    assert len(db.search("red", under=None, modified_before="9999-12-31", k=100)) == len(db.search("red", k=100))
+    assert db.search("red", modified_before="0001-01-02") == []
+    picture = Image.open(next(a.glob("red_*")))
+    assert colour_of(db.search_image(picture, k=1)[0].path) == "red"
+    assert all(-1.0 <= hit.score <= 1.0 for hit in db.search_image(picture, k=50))

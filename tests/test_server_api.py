@@ -181,3 +181,53 @@ def test_serve_without_fastapi_says_what_to_install(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 1 and "pip install 'semdb[server]'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_numbers_too_large_for_the_store_and_odd_requests_are_the_users_error(served: tuple) -> None:
+    client, _, folder, *_ = served
+    huge = str(2**70)
+    for url, params in (
+        ("/api/search", {"q": f"id:{huge}"}),
+        ("/api/search", {"like": huge}),
+        ("/api/search", {"q": "red", "min_width": huge}),
+        (f"/api/images/{huge}", {}),
+        (f"/api/images/{huge}/thumbnail", {}),
+        (f"/api/images/{huge}/file", {}),
+    ):
+        response = client.get(url, params=params)
+        assert response.status_code in (400, 404, 422), (url, params, response.text)
+    assert "no image with id" in client.get("/api/search", params={"like": huge}).json()["detail"]
+    # Either end of the calendar is a bound no file time passes: every image, or none.
+    everything = client.get("/api/search", params={"q": "red", "limit": 100, "before": "9999-12-31"}).json()
+    assert len(everything["results"]) == 41
+    assert client.get("/api/search", params={"q": "red", "before": "0001-01-02"}).json()["results"] == []
+    assert client.get("/api/search", params={"q": "red", "after": "9999-12-31"}).json()["results"] == []
+    many = client.get("/api/search", params={"q": "red", "under": [f"/tmp/x{i}" for i in range(500)]})
+    assert many.status_code == 400 and "at most" in many.json()["detail"]
+    form = client.post("/api/search", files={"file": ("a.png", (folder / "b" / "blue_0.png").read_bytes())})
+    assert form.status_code == 415 and "not as a form" in form.json()["detail"]
+    schema = client.get("/openapi.json").json()
+    assert "application/octet-stream" in schema["paths"]["/api/search"]["post"]["requestBody"]["content"]
+    # The interactive pages would load their scripts from CDNs, which an offline machine cannot reach.
+    assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+
+
+def test_a_thumbnail_cache_deleted_while_serving_costs_only_speed(served: tuple) -> None:
+    import shutil
+
+    client, _, _, _, thumbnails = served
+    hit = client.get("/api/search", params={"q": "green", "limit": 1}).json()["results"][0]
+    shutil.rmtree(thumbnails.folder)
+    first = client.get(hit["thumbnail"])
+    assert first.status_code == 200 and first.headers["x-thumbnail-cache"] == "miss"
+    assert client.get(hit["thumbnail"]).headers["x-thumbnail-cache"] == "hit"  # the folder was made again
+
+
+def test_serve_names_a_thumbnail_folder_it_cannot_use(served: tuple, tmp_path: Path) -> None:
+    from test_cli import assert_one_line_error, run_semdb
+
+    _, db, *_ = served
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    served_db = run_semdb("serve", "--db", db.location, "--thumbnails", str(not_a_folder), "--port", "0")
+    assert_one_line_error(served_db, "cannot keep thumbnails in")

@@ -437,3 +437,24 @@ def test_an_open_reader_sees_every_commit_of_another_process_and_skips_the_check
     again = reader.index()
     assert again.size == 30 and not began
     reader.close()
+
+
+def test_a_database_file_replaced_while_open_is_named_as_replaced_not_as_damaged(tmp_path: Path) -> None:
+    from semdb.errors import DatabaseDamagedError, NotASemdbDatabaseError
+
+    write_colour_images(tmp_path / "images", per_colour=3)
+    database = tmp_path / "db.semdb"
+    with semdb.connect(database, encoder=FakeEncoder(), bits=32) as db:
+        db.ingest(tmp_path / "images")
+    foreign = tmp_path / "foreign.db"
+    with sqlite3.connect(foreign) as connection:
+        connection.execute("CREATE TABLE t (x)")
+    db = semdb.connect(database, encoder=FakeEncoder())
+    assert len(db.search("red")) == 10  # connections are open now (a server's, say)
+    shutil.copyfile(foreign, database)  # written into the same file, under them
+    # The file on disk is a whole SQLite file: "damaged, integrity_check says ok" would contradict itself.
+    with pytest.raises(DatabaseDamagedError, match="was replaced or changed by another program"):
+        db.search("red")
+    db.close()
+    with pytest.raises(NotASemdbDatabaseError, match="not a semdb database"):
+        semdb.connect(database, encoder=FakeEncoder()).stats()

@@ -190,7 +190,9 @@ def check_allowed(allowed: np.ndarray | None) -> np.ndarray | None:
         return None
     array = np.asarray(allowed)
     if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
-        raise InvalidArgumentError(f"allowed must be a 1-d array of integer image ids, got shape {array.shape}")
+        raise InvalidArgumentError(
+            f"allowed must be a 1-d array of integer image ids, got {array.dtype} of shape {array.shape}"
+        )
     array = array.astype(np.int64)
     if array.size > 1 and not (array[1:] > array[:-1]).all():
         array = np.unique(array)

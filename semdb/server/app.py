@@ -8,7 +8,8 @@ file still is the picture that was ingested (:func:`semdb.server.thumbnails.read
 Routes: ``GET /`` the page, ``GET /api/search`` and ``POST /api/search`` (the body: an image to
 search by, at most ``max_upload_bytes``), ``GET /api/stats``, ``GET /api/images/{id}``,
 ``GET /api/images/{id}/thumbnail``, ``GET /api/images/{id}/file``; OpenAPI at ``/openapi.json``
-(``/docs`` for the interactive page, which loads its script from a CDN).
+(FastAPI's ``/docs`` and ``/redoc`` pages are off: they load their scripts from CDNs, and semdb
+serves offline machines).
 """
 
 from __future__ import annotations
@@ -30,7 +31,19 @@ from pydantic import BaseModel
 
 from semdb import __version__
 from semdb.database import Database
-from semdb.errors import ImageReadError, InvalidArgumentError, NotReadyError, SemdbError
+from semdb.errors import (
+    DatabaseDamagedError,
+    DatabaseLockedError,
+    DatabaseNotFoundError,
+    DiskFullError,
+    ImageReadError,
+    InvalidArgumentError,
+    NotASemdbDatabaseError,
+    NotReadyError,
+    ReadOnlyDatabaseError,
+    SchemaVersionError,
+    SemdbError,
+)
 from semdb.images import decode_image
 from semdb.query import MAX_LIMIT
 from semdb.query import Query as SemdbQuery
@@ -41,6 +54,24 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = 20 * 2**20
 DEFAULT_PAGE = 30
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+# Errors of the database's state, not of the request: the service is unavailable until someone acts.
+SERVER_SIDE_ERRORS = (
+    NotReadyError,
+    DatabaseDamagedError,
+    DatabaseLockedError,
+    DatabaseNotFoundError,
+    DiskFullError,
+    NotASemdbDatabaseError,
+    ReadOnlyDatabaseError,
+    SchemaVersionError,
+)
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "the image's bytes (e.g. `curl --data-binary @photo.jpg`), not a form",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
 
 
 # Query parameters (module level: FastAPI resolves the annotations through this module's names).
@@ -152,6 +183,8 @@ def create_app(
         version=__version__,
         description="Semantic image search over compressed CLIP codes. The query language: "
         "`red dress + 0.5:beach - night`, `id:42` for a stored image.",
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or ["127.0.0.1", "localhost", "[::1]"])
     # One query at a time through the database: the index is rebuilt in place when the store
@@ -167,7 +200,7 @@ def create_app(
 
     @app.exception_handler(SemdbError)
     async def user_error(_request: Request, error: SemdbError) -> JSONResponse:
-        status = 503 if isinstance(error, NotReadyError) else 400
+        status = 503 if isinstance(error, SERVER_SIDE_ERRORS) else 400
         return JSONResponse({"detail": str(error)}, status_code=status)
 
     def run_search(params: SearchParams, upload: bytes | None) -> SearchResponse:
@@ -224,9 +257,13 @@ def create_app(
         """Search by the query language (``q``) and/or stored images (``like``), with filters."""
         return run_search(params, None)
 
-    @app.post("/api/search", response_model=SearchResponse)
+    @app.post("/api/search", response_model=SearchResponse, openapi_extra=UPLOAD_BODY)
     async def search_by_upload(request: Request, params: Params) -> Any:
         """Search by the image in the request body (raw bytes), plus ``q``/``like`` terms if given."""
+        if request.headers.get("content-type", "").lower().startswith("multipart/"):
+            raise HTTPException(
+                415, "send the image's bytes as the request body (curl --data-binary @photo.jpg), not as a form"
+            )
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_upload_bytes:
             raise HTTPException(413, f"upload is over the {max_upload_bytes} byte limit")

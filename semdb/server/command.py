@@ -57,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535 or args.cache_mb < 1 or args.max_upload_mb < 1:
         raise InvalidArgumentError("--port must be 0..65535, --cache-mb and --max-upload-mb at least 1")
     console = Console(stderr=True, highlight=False)
+    folder = Path(args.thumbnails) if args.thumbnails else default_cache_dir()
+    try:
+        thumbnails = ThumbnailCache(folder, args.cache_mb * 2**20)
+    except OSError as error:
+        raise InvalidArgumentError(
+            f"cannot keep thumbnails in {folder}: {error.strerror or error}; give a writable folder with --thumbnails"
+        ) from None
     db = connect(args.db or default_database_path(), create=False, device=args.device)
     stats = db.stats()
     if stats.images == 0:
@@ -64,9 +71,6 @@ def run(args: argparse.Namespace) -> int:
     with console.status(f"loading {stats.model}…"):
         _ = db.encoder  # the whole model: uploads need the image tower, and it stays loaded
         db.index()
-    thumbnails = ThumbnailCache(
-        Path(args.thumbnails) if args.thumbnails else default_cache_dir(), args.cache_mb * 2**20
-    )
     hosts = None if args.host in LOOPBACK else ["*"]
     if hosts is not None:
         console.print(

@@ -105,14 +105,17 @@ class ThumbnailCache:
 
     def _store(self, path: Path, data: bytes) -> None:
         """Write atomically (a reader never sees half a file), then evict down to the bound."""
-        descriptor, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        temporary = None
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)  # deleted while serving: made again
+            descriptor, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
             with os.fdopen(descriptor, "wb") as handle:
                 handle.write(data)
             os.replace(temporary, path)
         except OSError:
-            Path(temporary).unlink(missing_ok=True)
-            return  # a cache that cannot be written only costs speed
+            if temporary is not None:
+                Path(temporary).unlink(missing_ok=True)
+            return  # a cache that cannot be written (gone, full, read-only) only costs speed
         with self._lock:
             self.total_bytes += len(data)
             if self.total_bytes > self.max_bytes:

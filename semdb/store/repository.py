@@ -36,6 +36,7 @@ from sqlalchemy import (
     update,
 )
 
+from semdb.arguments import storable_id
 from semdb.errors import DatabaseDamagedError
 from semdb.paths import display_path
 from semdb.store.models import (
@@ -465,7 +466,7 @@ class Repository:
 
     def image_paths(self, image_ids: Iterable[int]) -> dict[int, str]:
         """image id → path, readable (see :func:`display_path`)."""
-        wanted = sorted(set(image_ids))
+        wanted = sorted({image_id for image_id in image_ids if storable_id(image_id)})
         found: dict[int, str] = {}
         for chunk in _chunks(wanted):
             # Asked after every search: through the driver's cursor, the statement compiled once per
@@ -726,6 +727,8 @@ class Repository:
     def stored_vector_source(self, image_id: int) -> tuple[int | None, bytes] | None:
         """What an indexed image is searched by: ``(codec_id, code)`` when coded, ``(None, float32
         embedding bytes)`` while staged; None when the id is not an indexed image."""
+        if not storable_id(image_id):
+            return None
         content_id = self.connection.scalar(
             select(ImageRecord.content_id).where(ImageRecord.id == image_id, ImageRecord.status == STATUS_INDEXED)
         )
@@ -741,7 +744,7 @@ class Repository:
 
     def image_details(self, image_ids: Iterable[int]) -> dict[int, ImageDetails]:
         """image id → :class:`ImageDetails` of the indexed images among ``image_ids``."""
-        wanted = sorted(set(image_ids))
+        wanted = sorted({image_id for image_id in image_ids if storable_id(image_id)})
         found: dict[int, ImageDetails] = {}
         columns = (
             ImageRecord.id,

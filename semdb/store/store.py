@@ -342,8 +342,16 @@ class Store:
         return None
 
     def _damage_message(self, fallback: str) -> str:
+        verdict = _first_line(self.integrity_check(fallback))
+        if verdict == "ok":
+            # The file on disk is whole, yet this process read garbage: it was replaced (or restored)
+            # under an open connection. Opening it afresh reads what is there now.
+            return (
+                f"{self.location} was replaced or changed by another program while this process had it open "
+                f"(SQLite: {_first_line(fallback)}); run the command again (restart `semdb serve`)"
+            )
         return (
-            f"{self.location} is damaged: PRAGMA integrity_check says {_first_line(self.integrity_check(fallback))!r}; "
+            f"{self.location} is damaged: PRAGMA integrity_check says {verdict!r}; "
             "restore it from a backup (the image files themselves are untouched)"
         )
 

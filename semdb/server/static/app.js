@@ -33,9 +33,25 @@ async function fetchPage(params, upload, offset) {
   query.set("offset", offset);
   const options = upload ? { method: "POST", body: upload, headers: { "Content-Type": upload.type || "application/octet-stream" } } : {};
   const response = await fetch(`/api/search?${query}`, options);
-  const body = await response.json();
-  if (!response.ok) throw new Error(typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail));
-  return body;
+  if (!response.ok) throw new Error(await errorMessage(response));
+  return response.json();
+}
+
+// One readable line for a failed request: the server's own message, a parameter FastAPI refused
+// ("min_width: Input should be a valid integer"), or the bare status when the body is not JSON.
+async function errorMessage(response) {
+  let body = null;
+  try {
+    body = await response.json();
+  } catch {
+    return `the server answered ${response.status} ${response.statusText}`;
+  }
+  const detail = body && body.detail;
+  if (typeof detail === "string") return detail;
+  if (Array.isArray(detail) && detail.length) {
+    return detail.map((item) => `${(item.loc || []).slice(1).join(".") || "request"}: ${item.msg}`).join("; ");
+  }
+  return `the server answered ${response.status} ${response.statusText}`;
 }
 
 function tile(hit) {
@@ -135,7 +151,10 @@ async function loadStats() {
 
 document.addEventListener("DOMContentLoaded", () => {
   $("search").addEventListener("submit", (event) => { event.preventDefault(); search(true); });
-  for (const name of FILTERS) $(name).addEventListener("change", () => { if ($("q").value.trim()) search(true); });
+  // A changed filter searches again, once the form's own checks (whole pixels, say) accept it.
+  for (const name of FILTERS) {
+    $(name).addEventListener("change", () => { if ($("q").value.trim() && $("search").reportValidity()) search(true); });
+  }
   $("upload").addEventListener("change", () => {
     const file = $("upload").files[0];
     if (file) search(false, file);
