@@ -175,3 +175,15 @@ def test_load_more_and_a_missing_original(server: tuple[str, Path], page: Any) -
     assert page.locator(".hit.missing").count() == 1
     assert page.locator(".hit.missing").get_attribute("data-path") == str(victim)
     assert "original missing" in page.inner_text(".hit.missing")
+
+
+def test_a_refused_request_is_one_readable_line_on_the_page(server: tuple[str, Path], page: Any) -> None:
+    url, _ = server
+    # FastAPI refuses a non-integer width with a list of errors; the page shows its one line, not JSON.
+    page.goto(f"{url}?q=a+bag&min_width=1.5")
+    page.wait_for_selector("#status.error")
+    shown = page.inner_text("#status")
+    assert shown.startswith("min_width: ") and "[{" not in shown, shown
+    page.goto(f"{url}?q=id:99999999999999999999")
+    page.wait_for_selector("#status.error")
+    assert "no image with id 99999999999999999999" in page.inner_text("#status")
