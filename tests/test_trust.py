@@ -458,3 +458,15 @@ def test_a_database_file_replaced_while_open_is_named_as_replaced_not_as_damaged
     db.close()
     with pytest.raises(NotASemdbDatabaseError, match="not a semdb database"):
         semdb.connect(database, encoder=FakeEncoder()).stats()
+
+
+def test_a_closed_database_stays_closed(tmp_path: Path) -> None:
+    write_colour_images(tmp_path / "images", per_colour=3)
+    with semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder(), bits=32) as db:
+        db.ingest(tmp_path / "images")
+        assert len(db.search("red")) == 10
+    for call in (lambda: db.search("red"), db.stats, lambda: db.ingest(tmp_path / "images")):
+        with pytest.raises(InvalidArgumentError, match="is closed; open it again"):
+            call()
+    again = semdb.connect(tmp_path / "db.semdb", encoder=FakeEncoder())
+    assert len(again.search("red")) == 10

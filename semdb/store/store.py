@@ -134,6 +134,7 @@ class Store:
         self.on_wait: Callable[[str], None] | None = None
         self._version_connection: sqlite3.Connection | None = None
         self._version_lock = threading.Lock()
+        self.closed = False
 
     @property
     def dialect(self) -> str:
@@ -246,6 +247,7 @@ class Store:
     @contextmanager
     def reading(self) -> Iterator[Repository]:
         """A read-only snapshot of the database."""
+        self._check_open()
         with self._translated(), self.engine.connect() as connection:
             if self.dialect == "postgresql":
                 connection.execution_options(**postgres.READ_OPTIONS)
@@ -255,6 +257,7 @@ class Store:
     @contextmanager
     def writing(self) -> Iterator[Repository]:
         """A transaction holding the database's write lock, committed at the end (rolled back on error)."""
+        self._check_open()
         if not self.writable:
             raise ReadOnlyDatabaseError(f"{self.location} was opened for reading only")
         with self._translated(), self.engine.connect() as connection:
@@ -391,6 +394,7 @@ class Store:
         holds the lock (the space is then reused by later writes instead)."""
         if self.dialect != "sqlite" or not self.writable:
             return False
+        self._check_open()
         with self._translated(), self.engine.connect() as connection:
             driver = connection.connection.driver_connection
             assert isinstance(driver, sqlite3.Connection)
@@ -413,14 +417,21 @@ class Store:
         (no such counter: ask the store)."""
         if self.path is None:
             return None
+        self._check_open()
         with self._version_lock, self._translated():
             if self._version_connection is None:
                 self._version_connection = _connect_sqlite(self.path, read_only=True)
             row = self._version_connection.execute("PRAGMA data_version").fetchone()
             return int(row[0])
 
+    def _check_open(self) -> None:
+        # SQLAlchemy would quietly open new connections after dispose(): a closed store stays closed.
+        if self.closed:
+            raise InvalidArgumentError(f"database {self.location} is closed; open it again with semdb.connect()")
+
     def close(self) -> None:
-        """Release the connections."""
+        """Release the connections; the store answers nothing afterwards."""
+        self.closed = True
         with self._version_lock:
             if self._version_connection is not None:
                 self._version_connection.close()
