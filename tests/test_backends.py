@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 import semdb
 from semdb.cli import main
-from semdb.errors import DatabaseNotFoundError, NotASemdbDatabaseError, SemdbError
+from semdb.errors import DatabaseNotFoundError, InvalidArgumentError, NotASemdbDatabaseError, SemdbError
 from semdb.store import Base, Store, migrate
 from semdb.store.postgres import parse_url
 
@@ -310,3 +310,15 @@ def test_the_index_cache_lives_on_the_client_one_file_per_database(
     assert (
         np.load(files[0], allow_pickle=False)["tag"].tobytes() != np.load(files[1], allow_pickle=False)["tag"].tobytes()
     )
+
+
+def test_a_url_with_a_bad_port_or_libpqs_scheme_is_read_without_a_server() -> None:
+    for location, fragment in (
+        ("postgresql+psycopg://user:hunter2@127.0.0.1:notaport/photos", "the port is not a number"),
+        ("postgresql+psycopg://user:hunter2@127.0.0.1:99999/photos", "a port is 1..65535"),
+    ):
+        with pytest.raises(InvalidArgumentError, match=fragment) as refused:
+            parse_url(location)
+        assert "hunter2" not in str(refused.value)
+    # libpq's "postgres://" is PostgreSQL too, driven by psycopg.
+    assert parse_url("postgres://user@host/photos").drivername == "postgresql+psycopg"

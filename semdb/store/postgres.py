@@ -16,6 +16,7 @@ tables an SQLite file holds, made by the same Alembic revisions; everything here
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Callable
 
@@ -51,11 +52,20 @@ def parse_url(location: str) -> URL:
     """
     try:
         url = make_url(location)
+    except ValueError:  # SQLAlchemy reads the port as an int: "HOST:notaport"
+        hidden = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", location)
+        raise InvalidArgumentError(
+            f"{hidden}: the port is not a number; give postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
+        ) from None
     except ArgumentError:
         raise InvalidArgumentError(
             f"{location!r} is neither a file path nor a database URL; "
             "give a .semdb file or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE"
         ) from None
+    if url.port is not None and not 0 < url.port < 65536:
+        raise InvalidArgumentError(f"{display_url(location)} names port {url.port}; a port is 1..65535")
+    if url.drivername == "postgres":  # libpq's own spelling of the scheme
+        url = url.set(drivername="postgresql")
     if url.get_backend_name() != "postgresql":
         raise InvalidArgumentError(
             f"semdb stores its data in SQLite files or in PostgreSQL, not {url.get_backend_name()}; "
@@ -70,7 +80,7 @@ def display_url(location: str) -> str:
     """``location`` as it may be printed: the password replaced by ``***``."""
     try:
         return make_url(location).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return location
 
 
@@ -199,5 +209,5 @@ def _after_colon(detail: str) -> str:
 def _database_name(location: str) -> str:
     try:
         return make_url(location).database or ""
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         return ""

@@ -67,8 +67,8 @@ def _sqlite_path(location: str) -> Path | None:
         return Path(location).expanduser()
     try:
         url = make_url(location)
-    except ArgumentError:
-        return None  # not a URL SQLAlchemy reads: refused, in one line, by postgres.parse_url
+    except (ArgumentError, ValueError):
+        return None  # not a URL SQLAlchemy reads (or a port that is no number): refused by postgres.parse_url
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         return Path(url.database).expanduser()
     return None
